@@ -1,0 +1,9 @@
+"""Typed configs: dataclasses in ``schema``, YAML + overrides in ``loader``."""
+
+from .loader import config_to_dict, load_config, parse_override, save_config
+from .schema import (Config, ConfigError, DataConfig, DiffusionConfig, EvalConfig, ModelConfig,
+                     OptimConfig, RunConfig, SampleConfig, TrainConfig)
+
+__all__ = ["Config", "ConfigError", "DataConfig", "DiffusionConfig", "EvalConfig", "ModelConfig",
+           "OptimConfig", "RunConfig", "SampleConfig", "TrainConfig", "config_to_dict", "load_config",
+           "parse_override", "save_config"]

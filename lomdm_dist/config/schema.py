@@ -1,0 +1,237 @@
+"""Typed configuration: the dataclasses are the source of truth for every key.
+
+A YAML file fills these, ``key.sub=value`` overrides apply last (see ``loader.py``). Each field's
+docstring-comment says what it controls; ``validate()`` rejects impossible combinations before any
+work starts, naming the offending key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+SchedulerName = Literal["mdlm", "poly", "arm", "block", "lomdm"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key. Printed without a traceback."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: resolved config, checkpoints/, metrics.jsonl and TensorBoard events live here."""
+    name: str = ""
+    """Optional human-readable run name (defaults to the directory name)."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["wikipedia_excerpt", "shards"] = "wikipedia_excerpt"
+    """Where training rows come from: the bundled Wikipedia excerpt (built on first use) or shards."""
+    path: str = ""
+    """Wikipedia dump file (default: the excerpt shipped with gensim) or a shard manifest (source=shards)."""
+    val_path: str = ""
+    """Validation shard manifest (source=shards); empty means '<train manifest dir>/../val/manifest.json'."""
+    cache_dir: str = "data/cache"
+    """Where built shards of the bundled corpus are cached between runs."""
+    tokenizer: str = "gpt2"
+    """Tokenizer name (gpt2, bert-base-uncased) or a sentencepiece model path."""
+    seq_len: int = 128
+    """Tokens per row, BOS and EOS included."""
+    batch_size: int = 16
+    """Global batch size in rows (each LoMDM row gets two masks)."""
+    eval_batch_size: int = 16
+    """Rows per validation batch."""
+    val_docs: int = 8
+    """Documents held out for validation (the last ones of the corpus, as the OWT recipe does)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    skip_corrupt_shards: bool = False
+    """Skip (log and count) corrupt shards instead of failing."""
+
+
+@dataclass
+class ModelConfig:
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    cond_dim: int = 128
+    """Width of the adaLN conditioning vector (MDLM: 128)."""
+    mlp_ratio: int = 4
+    dropout: float = 0.1
+    time_conditioning: bool = False
+    """Feed the noise level to adaLN (MDLM default: off, a constant conditioning vector)."""
+    rope_base: float = 10000.0
+    head_mlp_hidden: int = 0
+    """Hidden width of the phi/psi MLP (0 means d_model)."""
+
+
+@dataclass
+class DiffusionConfig:
+    scheduler: SchedulerName = "lomdm"
+    """Forward/reverse scheduler family."""
+    c1: float = 0.7
+    """LoMDM mean exponent; also the exponent of the 'poly' scheduler."""
+    c2: float = 0.65
+    """LoMDM spread of exponents; must be < c1 so every exponent stays positive."""
+    block_size: int = 4
+    """Block length of the 'block' scheduler (BD3LM); must divide the sequence length."""
+    window_eps: float = 1e-3
+    """Epsilon regularising the 'arm' and 'block' schedulers (strictly decreasing alpha)."""
+    t_eps: float = 1e-3
+    """Smallest diffusion time drawn in training and evaluation."""
+    antithetic: bool = True
+    """Stratify t over the global batch (MDLM/GenMD4 antithetic sampling)."""
+    masks_per_row: int = 0
+    """Masks drawn per row; 0 means 2 for lomdm (RLOO) and 1 for fixed schedulers."""
+    k_min: float = 1e-4
+    """Clamp for exponents k and k_hat (numerical safety)."""
+    mdlm_eps: float = 1e-3
+    """MDLM log-linear schedule: 1 - alpha(t) = (1 - eps) t."""
+
+    def resolved_masks_per_row(self) -> int:
+        if self.masks_per_row:
+            return self.masks_per_row
+        return 2 if self.scheduler == "lomdm" else 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    scheduler_lr: float = 0.0
+    """Learning rate of the phi/psi heads (0 means the same as lr)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 2500
+    grad_clip: float = 1.0
+    """Global grad-norm clip (0 disables)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    ckpt_every: int = 200
+    keep_checkpoints: int = 3
+    """Newest complete checkpoints kept on disk."""
+    ema_decay: float = 0.9999
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU."""
+    max_nonfinite_in_row: int = 5
+    """Consecutive NaN/Inf losses tolerated (each is skipped and counted) before the run stops."""
+    progress: bool = True
+    """Show a progress bar."""
+    threads: int = 0
+    """torch CPU threads (0: leave torch's default)."""
+
+
+@dataclass
+class EvalConfig:
+    max_batches: int = 0
+    """Validation batches per evaluation (0: the whole validation split)."""
+    use_ema: bool = True
+    """Evaluate and sample with EMA weights."""
+    t_samples: int = 1
+    """Time samples per validation row."""
+
+
+@dataclass
+class SampleConfig:
+    num: int = 2
+    steps: int = 64
+    """Reverse steps (NFE upper bound; caching skips calls when nothing changes)."""
+    t_min: float = 1e-5
+    """Last time of the uniform grid linspace(1, t_min, steps + 1)."""
+    final_argmax: bool = True
+    """Fill positions still masked after the last step with the denoiser's argmax (MDLM)."""
+    reverse_c2_zero: bool = False
+    """Ablation: reverse exponents k_hat = c1 for every position (random order)."""
+    seed: int = 0
+    every_eval: bool = True
+    """Write samples to the run directory at each evaluation and at the end."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> "Config":
+        """Reject impossible values; every message names the key."""
+        d, m, t, data = self.diffusion, self.model, self.train, self.data
+        positive = {
+            "train.max_steps": t.max_steps, "train.log_every": t.log_every,
+            "train.eval_every": t.eval_every, "train.ckpt_every": t.ckpt_every,
+            "train.keep_checkpoints": t.keep_checkpoints, "train.max_nonfinite_in_row": t.max_nonfinite_in_row,
+            "model.n_layers": m.n_layers, "model.d_model": m.d_model, "model.n_heads": m.n_heads,
+            "model.cond_dim": m.cond_dim, "model.mlp_ratio": m.mlp_ratio,
+            "data.seq_len": data.seq_len, "data.batch_size": data.batch_size,
+            "data.eval_batch_size": data.eval_batch_size, "diffusion.block_size": d.block_size,
+            "sample.steps": self.sample.steps, "sample.num": self.sample.num,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
+        if m.d_model % m.n_heads:
+            raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+        if (m.d_model // m.n_heads) % 2:
+            raise ConfigError("model.d_model / model.n_heads must be even (rotary embeddings rotate pairs)")
+        if not 0.0 <= m.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+        if d.scheduler == "lomdm":
+            if d.c2 < 0:
+                raise ConfigError(f"diffusion.c2 must be >= 0, got {d.c2}")
+            if d.c1 <= d.c2:
+                raise ConfigError(
+                    f"diffusion.c1 ({d.c1}) must be greater than diffusion.c2 ({d.c2}): "
+                    "exponents c1 + c2 * NormSig lie in (c1 - c2, c1 + c2) and must stay positive")
+            if d.resolved_masks_per_row() != 2:
+                raise ConfigError("diffusion.masks_per_row must be 2 for the lomdm scheduler (RLOO with two masks)")
+        if d.scheduler == "poly" and d.c1 <= 0:
+            raise ConfigError(f"diffusion.c1 (the poly exponent) must be positive, got {d.c1}")
+        if d.scheduler == "block" and data.seq_len % d.block_size:
+            raise ConfigError(
+                f"diffusion.block_size ({d.block_size}) must divide data.seq_len ({data.seq_len})")
+        if not 0.0 < d.window_eps < 1.0:
+            raise ConfigError(f"diffusion.window_eps must be in (0, 1), got {d.window_eps}")
+        if not 0.0 < d.t_eps < 1.0:
+            raise ConfigError(f"diffusion.t_eps must be in (0, 1), got {d.t_eps}")
+        if not 0.0 <= d.mdlm_eps < 1.0:
+            raise ConfigError(f"diffusion.mdlm_eps must be in [0, 1), got {d.mdlm_eps}")
+        if d.masks_per_row < 0:
+            raise ConfigError(f"diffusion.masks_per_row must be >= 0, got {d.masks_per_row}")
+        if data.seq_len < 3:
+            raise ConfigError("data.seq_len must be at least 3 (BOS, one token, EOS)")
+        o = self.optim
+        if o.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {o.lr}")
+        if o.scheduler_lr < 0:
+            raise ConfigError(f"optim.scheduler_lr must be >= 0, got {o.scheduler_lr}")
+        if o.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+        if o.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0, got {o.grad_clip}")
+        if not all(0.0 <= b < 1.0 for b in o.betas):
+            raise ConfigError(f"optim.betas must lie in [0, 1), got {o.betas}")
+        if not 0.0 <= t.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+        if not 0.0 <= self.sample.t_min < 1.0:
+            raise ConfigError(f"sample.t_min must be in [0, 1), got {self.sample.t_min}")
+        if self.eval.t_samples <= 0:
+            raise ConfigError(f"eval.t_samples must be positive, got {self.eval.t_samples}")
+        if self.eval.max_batches < 0:
+            raise ConfigError(f"eval.max_batches must be >= 0, got {self.eval.max_batches}")
+        if data.source == "shards" and not data.path:
+            raise ConfigError("data.path must name a shard manifest when data.source is 'shards'")
+        return self

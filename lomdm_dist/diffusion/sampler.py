@@ -1,0 +1,220 @@
+"""Ancestral sampling of masked diffusion models with position-dependent reverse velocity.
+
+Reverse process (docs/method.md section 6.1): start all-mask at t = 1 and walk the uniform grid
+``t_j = linspace(1, t_min, steps + 1)``. At step j (t = t_j, s = t_{j+1}) every masked position i
+becomes clean with probability
+
+    P_i = (alpha_i(s) - alpha_i(t)) / (1 - alpha_i(t))        (= 1 - (s/t)^k_hat_i for lomdm)
+
+and then takes a token drawn from the denoiser's categorical x_theta(z_t)_i (SUBS: the mask token
+has probability zero). Clean positions are copied. For the learned scheduler the reverse exponents
+k_hat come from the psi head on the current state, so positions the model is sure about go first.
+
+Why the work is organised as it is:
+
+* **Cache.** Without time conditioning the backbone features h, and hence logits and k_hat, are
+  functions of z alone; while no token changes, the previous network output is still exact and no
+  call is made (MDLM's ``ddpm_cache``). Calls then track distinct unmasking events, not steps.
+* **Logits only where a token is drawn.** The cache keeps h, not the (B, L, V) logits: the output
+  projection runs on the positions that unmask in this step (and, at the end, on those still
+  masked). Each position is projected about once per run instead of once per call, and no
+  B x L x V float64 tensor is ever built.
+* **float64 categorical.** Float32 Gumbel-max truncates the tail of the distribution and lowers
+  sample entropy (Zheng et al. 2024); probabilities are formed in float64 and drawn with
+  ``torch.multinomial``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kernels.scheduler import lomdm_schedule
+
+from ..config import DiffusionConfig
+from .schedulers import Scheduler
+
+
+@dataclass
+class SampleResult:
+    tokens: Tensor
+    """(N, L) int64 sampled ids; the mask id only where a position was never filled (final_argmax off)."""
+    order: Tensor
+    """(N, L) int64 step (0..steps-1) at which each position was unmasked; ``steps`` for positions
+    not unmasked by any step (filled by the final argmax, or left masked without it)."""
+    model_calls: int
+    """Backbone evaluations actually made, summed over batches (caching skips calls)."""
+
+
+def time_grid(steps: int, t_min: float, device: torch.device | str | None = None) -> Tensor:
+    """The uniform reverse grid ``linspace(1, t_min, steps + 1)`` in float64 (MDLM's ``_sample``)."""
+    return torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64, device=device)
+
+
+def subs_log_probs(logits: Tensor, mask_token_id: int) -> Tensor:
+    """float64 log-probabilities of the SUBS denoiser: the mask logit is excluded (-inf)."""
+    logits = logits.to(torch.float64, copy=True)
+    logits[..., mask_token_id] = float("-inf")
+    return torch.log_softmax(logits, dim=-1)
+
+
+def draw_categorical(logits: Tensor, mask_token_id: int, generator: torch.Generator | None) -> Tensor:
+    """One token per row of ``logits`` (N, V) from the SUBS categorical, sampled in float64."""
+    if logits.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=logits.device)
+    probs = subs_log_probs(logits, mask_token_id).exp()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def subs_argmax(logits: Tensor, mask_token_id: int) -> Tensor:
+    """Most likely non-mask token per row (MDLM's final noise removal)."""
+    logits = logits.clone()
+    logits[..., mask_token_id] = float("-inf")
+    return logits.argmax(dim=-1)
+
+
+class _Denoiser:
+    """One batch's view of the network: caches features and reverse exponents until z changes."""
+
+    def __init__(self, model, scheduler: Scheduler, diffusion_cfg: DiffusionConfig, reverse_c2_zero: bool):
+        self.model = model
+        self.backbone = model.backbone
+        self.scheduler = scheduler
+        self.cfg = diffusion_cfg
+        self.reverse_c2_zero = reverse_c2_zero
+        self.time_conditioned = bool(self.backbone.time_conditioning)
+        self.calls = 0
+        self.h: Tensor | None = None
+        self.c: Tensor | None = None
+        self.k_hat: Tensor | None = None
+
+    def invalidate(self) -> None:
+        self.h = None
+
+    def evaluate(self, z: Tensor, t: Tensor, *, with_exponents: bool = True) -> None:
+        """Run the backbone on z at times t (B,) unless the cached output is still exact.
+
+        ``with_exponents=False`` (the final argmax, where t may be 0) skips the psi head.
+        """
+        if self.h is not None and not self.time_conditioned:
+            return
+        batch = z.shape[0]
+        sigma = t.to(torch.float32) if self.time_conditioned else None
+        self.c = self.backbone.conditioning(batch, sigma)
+        self.h = self.backbone.features(z, self.c)
+        self.calls += 1
+        self.k_hat = None
+        if self.scheduler.learned and with_exponents:
+            if self.reverse_c2_zero:
+                self.k_hat = torch.full(z.shape, self.cfg.c1, dtype=torch.float64, device=z.device)
+            else:
+                g = self.model.psi(self.h, self.c).float()
+                valid = torch.ones_like(z, dtype=torch.bool)
+                self.k_hat = lomdm_schedule(g, t.to(torch.float32), valid, self.cfg.c1, self.cfg.c2,
+                                            k_min=self.cfg.k_min).k.to(torch.float64)
+
+    def logits_at(self, positions: Tensor) -> Tensor:
+        """Logits (N, V) at the (B, L) boolean selection ``positions`` from the cached features."""
+        rows = positions.nonzero(as_tuple=True)[0]
+        return self.backbone.output_logits(self.h[positions], self.c[rows])
+
+
+def _check_arguments(model, scheduler: Scheduler, num: int, seq_len: int, steps: int, t_min: float,
+                     batch_size: int | None, reverse_c2_zero: bool) -> None:
+    for name, value in (("num", num), ("seq_len", seq_len), ("steps", steps)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"sample: {name} must be a positive integer, got {value!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
+        raise ValueError(f"sample: batch_size must be a positive integer or None, got {batch_size!r}")
+    if not 0.0 <= t_min < 1.0:
+        raise ValueError(f"sample: t_min must be in [0, 1), got {t_min}")
+    if scheduler.learned and getattr(model, "psi", None) is None and not reverse_c2_zero:
+        raise ValueError(f"sample: the {scheduler.name} scheduler needs the model's psi head, which is absent")
+    if reverse_c2_zero and not scheduler.learned:
+        raise ValueError(f"sample: reverse_c2_zero applies only to the learned (lomdm) scheduler, "
+                         f"not to {scheduler.name!r}")
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _sample_batch(denoiser: _Denoiser, scheduler: Scheduler, grid: Tensor, batch: int, seq_len: int,
+                  mask_id: int, final_argmax: bool, generator: torch.Generator, device: torch.device,
+                  progress_bar) -> tuple[Tensor, Tensor]:
+    steps = grid.numel() - 1
+    z = torch.full((batch, seq_len), mask_id, dtype=torch.long, device=device)
+    order = torch.full((batch, seq_len), steps, dtype=torch.long, device=device)
+    for j in range(steps):
+        masked = z == mask_id
+        if not bool(masked.any()):
+            if progress_bar is not None:
+                progress_bar.update(steps - j)
+            break
+        t = grid[j].expand(batch)
+        s = grid[j + 1].expand(batch)
+        denoiser.evaluate(z, t)
+        k = denoiser.k_hat if scheduler.learned else None
+        p_unmask = scheduler.unmask_prob(t, s, seq_len, k=k).to(torch.float64)
+        u = torch.rand((batch, seq_len), generator=generator, dtype=torch.float64, device=device)
+        unmask = masked & (u < p_unmask)
+        if bool(unmask.any()):
+            z[unmask] = draw_categorical(denoiser.logits_at(unmask), mask_id, generator)
+            order[unmask] = j
+            denoiser.invalidate()
+        if progress_bar is not None:
+            progress_bar.update(1)
+    remaining = z == mask_id
+    if final_argmax and bool(remaining.any()):
+        denoiser.evaluate(z, grid[-1].expand(batch), with_exponents=False)
+        z[remaining] = subs_argmax(denoiser.logits_at(remaining), mask_id)
+    return z, order
+
+
+@torch.no_grad()
+def sample(model, scheduler: Scheduler, *, num: int, seq_len: int, steps: int, diffusion_cfg: DiffusionConfig,
+           t_min: float = 1e-5, final_argmax: bool = True, reverse_c2_zero: bool = False,
+           seed: int = 0, batch_size: int | None = None, device=None, progress: bool = False) -> SampleResult:
+    """Draw ``num`` sequences of length ``seq_len`` with ``steps`` reverse steps (see module docstring).
+
+    ``model`` exposes ``backbone`` (``conditioning`` / ``features`` / ``output_logits``,
+    ``time_conditioning``), ``psi`` (learned scheduler only) and ``mask_token_id``. Randomness comes
+    from one ``torch.Generator`` seeded with ``seed`` and consumed batch after batch, so a result is
+    reproducible for a given ``batch_size`` (rows of different batch splits differ). The model runs
+    in eval mode (no dropout) and its previous mode is restored afterwards. With time conditioning
+    the network is called at every step with sigma = t, and the final argmax uses sigma = t_min.
+    """
+    _check_arguments(model, scheduler, num, seq_len, steps, t_min, batch_size, reverse_c2_zero)
+    device = torch.device(device) if device is not None else _model_device(model)
+    mask_id = int(model.mask_token_id)
+    grid = time_grid(steps, t_min, device)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    batch_size = batch_size or num
+    n_batches = -(-num // batch_size)
+
+    progress_bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        progress_bar = tqdm(total=n_batches * steps, desc="sampling", unit="step")
+    was_training = model.training
+    model.eval()
+    tokens, orders, calls = [], [], 0
+    try:
+        for start in range(0, num, batch_size):
+            batch = min(batch_size, num - start)
+            denoiser = _Denoiser(model, scheduler, diffusion_cfg, reverse_c2_zero)
+            z, order = _sample_batch(denoiser, scheduler, grid, batch, seq_len, mask_id, final_argmax,
+                                     generator, device, progress_bar)
+            tokens.append(z)
+            orders.append(order)
+            calls += denoiser.calls
+    finally:
+        model.train(was_training)
+        if progress_bar is not None:
+            progress_bar.close()
+    return SampleResult(tokens=torch.cat(tokens), order=torch.cat(orders), model_calls=calls)

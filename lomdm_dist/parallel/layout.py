@@ -1,0 +1,114 @@
+"""Layout validation: does ``parallel.*`` fit the world size, the model and the batch?
+
+Runs before any process group starts (the launcher and each worker call it with the world size
+they were given), so an impossible layout ends with a message naming the keys instead of a
+shape error inside a collective or a hang. Nothing here imports ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config.schema import ConfigError
+from .config import ParallelConfig
+
+_SIZE_KEYS = ("pp", "dp_replicate", "dp_shard", "tp")
+_AC_MODES = ("none", "selective", "full")
+_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
+
+
+def parallel_section(cfg: Any, parallel: ParallelConfig | None = None) -> ParallelConfig:
+    """The ``parallel`` section: the explicit argument, else ``cfg.parallel``, else the defaults."""
+    if parallel is not None:
+        return parallel
+    found = getattr(cfg, "parallel", None)
+    return found if found is not None else ParallelConfig()
+
+
+def _check_sizes(par: ParallelConfig, world_size: int) -> None:
+    for key in _SIZE_KEYS + ("microbatches", "virtual_stages"):
+        value = getattr(par, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"parallel.{key} must be a positive integer, got {value!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
+    if par.world_size != world_size:
+        raise ConfigError(
+            f"parallel.pp ({par.pp}) x parallel.dp_replicate ({par.dp_replicate}) x parallel.dp_shard "
+            f"({par.dp_shard}) x parallel.tp ({par.tp}) = {par.world_size} must equal the number of "
+            f"processes ({world_size})")
+    if par.activation_checkpointing not in _AC_MODES:
+        raise ConfigError(f"parallel.activation_checkpointing must be one of {', '.join(_AC_MODES)}; "
+                          f"got {par.activation_checkpointing!r}")
+    if par.pipeline_schedule not in _SCHEDULES:
+        raise ConfigError(f"parallel.pipeline_schedule must be one of {', '.join(_SCHEDULES)}; "
+                          f"got {par.pipeline_schedule!r}")
+
+
+def _check_tensor_parallel(par: ParallelConfig, model: Any, seq_len: int | None) -> None:
+    tp = par.tp
+    if tp == 1:
+        return
+    hidden = model.head_mlp_hidden or model.d_model
+    divisible = {"model.n_heads": model.n_heads, "model.d_model": model.d_model,
+                 "model.d_model * model.mlp_ratio (the MLP width)": model.d_model * model.mlp_ratio,
+                 "model.head_mlp_hidden (0 means model.d_model)": hidden}
+    for key, value in divisible.items():
+        if value % tp:
+            raise ConfigError(f"parallel.tp ({tp}) must divide {key} ({value})")
+    if par.sequence_parallel and seq_len is not None and seq_len % tp:
+        raise ConfigError(f"parallel.sequence_parallel needs parallel.tp ({tp}) to divide data.seq_len ({seq_len})")
+
+
+def _check_pipeline(par: ParallelConfig, model: Any) -> None:
+    if par.pipeline_schedule == "interleaved_1f1b":
+        if par.virtual_stages < 2:
+            raise ConfigError("parallel.pipeline_schedule interleaved_1f1b needs parallel.virtual_stages >= 2, "
+                              f"got {par.virtual_stages}")
+    elif par.virtual_stages != 1:
+        raise ConfigError(f"parallel.virtual_stages ({par.virtual_stages}) > 1 needs "
+                          f"parallel.pipeline_schedule interleaved_1f1b, got {par.pipeline_schedule}")
+    if par.pp == 1:
+        return
+    stages = par.num_stages
+    if model.n_layers % stages:
+        raise ConfigError(f"parallel.pp ({par.pp}) x parallel.virtual_stages ({par.virtual_stages}) = {stages} "
+                          f"pipeline stages must divide model.n_layers ({model.n_layers})")
+    if par.pipeline_schedule == "1f1b" and par.microbatches < par.pp:
+        raise ConfigError(f"parallel.microbatches ({par.microbatches}) must be >= parallel.pp ({par.pp}) "
+                          "for the 1f1b schedule")
+    if par.pipeline_schedule == "interleaved_1f1b":
+        rounds = max(1, par.microbatches // par.pp)
+        if par.microbatches % rounds:
+            raise ConfigError(f"parallel.microbatches ({par.microbatches}) must be a multiple of "
+                              f"max(1, microbatches // parallel.pp) = {rounds} for interleaved_1f1b")
+
+
+def _check_batches(par: ParallelConfig, data: Any) -> None:
+    micro = par.microbatches if par.pp > 1 else 1
+    split = par.dp * micro
+    for key in ("batch_size", "eval_batch_size"):
+        value = getattr(data, key, None)
+        if value is None:
+            continue
+        if value % split:
+            raise ConfigError(
+                f"data.{key} ({value}) must be divisible by parallel.dp_replicate x parallel.dp_shard"
+                + (" x parallel.microbatches" if micro > 1 else "") + f" = {split}")
+
+
+def validate_layout(cfg: Any, world_size: int, parallel: ParallelConfig | None = None) -> ParallelConfig:
+    """Check the layout against the world size, the model and the batch; return the section.
+
+    ``cfg`` is the full :class:`~lomdm_dist.config.Config` (``model``, ``data`` and, once the field
+    exists, ``parallel``); ``parallel`` overrides ``cfg.parallel``. Raises ``ConfigError`` naming
+    the keys. Pure Python: call it before ``init_process_group``.
+    """
+    par = parallel_section(cfg, parallel)
+    _check_sizes(par, world_size)
+    data = getattr(cfg, "data", None)
+    _check_tensor_parallel(par, cfg.model, getattr(data, "seq_len", None))
+    _check_pipeline(par, cfg.model)
+    if data is not None:
+        _check_batches(par, data)
+    return par

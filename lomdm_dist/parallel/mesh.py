@@ -1,0 +1,82 @@
+"""The device mesh: named dimensions ``(pp, dp_replicate, dp_shard, tp)``, tp innermost.
+
+tp is the fastest-varying dimension so that a tensor-parallel group is made of neighbouring ranks
+(on a GPU node: the NVLink-connected devices); pp is the slowest, so pipeline neighbours may live
+on different nodes, where only point-to-point traffic crosses. Every dimension exists even when
+its size is 1, so code can always ask for ``mesh["tp"]`` without branching on the layout.
+
+The helpers here answer the questions the rest of the engine asks about a rank: which slice of
+the global batch is mine (data-parallel index), and how to sum a statistic over the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from .config import ParallelConfig
+from .layout import validate_layout
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+def default_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_mesh(cfg: Any, world_size: int | None = None, *, parallel: ParallelConfig | None = None,
+               device_type: str | None = None) -> DeviceMesh:
+    """Validate the layout, then build the 4-D mesh (initialising the default process group from
+    the torchrun environment if it is not initialised yet)."""
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+    par = validate_layout(cfg, world_size, parallel)
+    if dist.is_initialized() and dist.get_world_size() != world_size:
+        raise ValueError(f"build_mesh: world_size {world_size} differs from the process group's "
+                         f"{dist.get_world_size()}")
+    shape = (par.pp, par.dp_replicate, par.dp_shard, par.tp)
+    return init_device_mesh(device_type or default_device_type(), shape, mesh_dim_names=MESH_DIMS)
+
+
+def dim_size(mesh: DeviceMesh, name: str) -> int:
+    return mesh[name].size()
+
+
+def dim_rank(mesh: DeviceMesh, name: str) -> int:
+    return mesh[name].get_local_rank()
+
+
+def dp_size(mesh: DeviceMesh) -> int:
+    """Number of distinct batch slices: dp_replicate x dp_shard."""
+    return dim_size(mesh, "dp_replicate") * dim_size(mesh, "dp_shard")
+
+
+def dp_rank(mesh: DeviceMesh) -> int:
+    """This rank's batch slice, replicate-major (the order FSDP2/HSDP uses)."""
+    return dim_rank(mesh, "dp_replicate") * dim_size(mesh, "dp_shard") + dim_rank(mesh, "dp_shard")
+
+
+def local_rows(mesh: DeviceMesh, global_batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Global row indices (int64) of this rank's slice of a global batch.
+
+    Contiguous blocks in data-parallel order, so the global batch is the same rows in the same
+    order for every dp size; tp and pp peers of a rank get the same rows.
+    """
+    size = dp_size(mesh)
+    if global_batch % size:
+        raise ValueError(f"global batch {global_batch} is not divisible by the data-parallel size {size}")
+    per_rank = global_batch // size
+    first = dp_rank(mesh) * per_rank
+    return torch.arange(first, first + per_rank, device=device, dtype=torch.int64)
+
+
+def sum_over_dp(value: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """Sum a tensor over the data-parallel ranks (e.g. the global token count); returns a new tensor."""
+    out = value.detach().clone()
+    for name in ("dp_replicate", "dp_shard"):
+        if dim_size(mesh, name) > 1:
+            dist.all_reduce(out, group=mesh[name].get_group())
+    return out
