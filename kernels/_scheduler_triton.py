@@ -37,12 +37,18 @@ def launch_config(seq_len: int, device: torch.device, block: int | None = None) 
 
 
 @triton.jit
-def _exponents(g_row_ptr, valid_row_ptr, cols, seq_len, mean, c1, c2, k_min):
-    """sigmoid(g), validity, the unclamped and the final exponent at ``cols``."""
+def _load_sigmoid(g_row_ptr, valid_row_ptr, cols, seq_len):
+    """sigmoid(g) and validity at ``cols`` (positions past the row end count as padding)."""
     in_row = cols < seq_len
     g = tl.load(g_row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
     valid = (tl.load(valid_row_ptr + cols, mask=in_row, other=0) != 0) & in_row
-    sig = 1.0 / (1.0 + tl.exp(-g))
+    return 1.0 / (1.0 + tl.exp(-g)), valid
+
+
+@triton.jit
+def _exponents(g_row_ptr, valid_row_ptr, cols, seq_len, mean, c1, c2, k_min):
+    """sigmoid(g), validity, the unclamped and the final exponent at ``cols``."""
+    sig, valid = _load_sigmoid(g_row_ptr, valid_row_ptr, cols, seq_len)
     k_raw = c1 + c2 * (sig - mean)
     k = tl.where(valid, tl.maximum(k_raw, k_min), c1)
     return sig, valid, k_raw, k
@@ -55,11 +61,10 @@ def _sigmoid_mean(g_row_ptr, valid_row_ptr, seq_len, BLOCK: tl.constexpr):
     total = tl.zeros([], tl.float32)
     count = tl.zeros([], tl.float32)
     for start in range(0, seq_len, BLOCK):
-        cols = start + offs
-        sig, valid, k_raw, k = _exponents(g_row_ptr, valid_row_ptr, cols, seq_len, 0.0, 1.0, 0.0, 0.0)
+        sig, valid = _load_sigmoid(g_row_ptr, valid_row_ptr, start + offs, seq_len)
         total += tl.sum(tl.where(valid, sig, 0.0), axis=0)
         count += tl.sum(valid.to(tl.float32), axis=0)
-    return total / tl.maximum(count, 1.0), count
+    return total / tl.maximum(count, 1.0)
 
 
 @triton.jit
@@ -78,7 +83,7 @@ def _schedule_fwd_kernel(g_ptr, valid_ptr, t_ptr, masks_ptr, k_ptr, alpha_ptr, v
     valid_row = valid_ptr + row * stride_valid
     t = tl.load(t_ptr + row)
     log_t = _log_time(t)
-    mean, count = _sigmoid_mean(g_row, valid_row, seq_len, BLOCK)
+    mean = _sigmoid_mean(g_row, valid_row, seq_len, BLOCK)
     tl.store(mean_ptr + row, mean)
     for start in range(0, seq_len, BLOCK):
         cols = start + offs

@@ -178,7 +178,10 @@ def _reference_rows(logits: Tensor, targets: Tensor, A: Tensor, A_hat: Tensor, m
     pick = (lambda v: v) if rows is None else (lambda v: v.index_select(0, rows))
     x = pick(logits).to(dtype)
     if mask_token_id is not None:
-        x = x.index_fill(1, torch.tensor([mask_token_id], device=x.device), float("-inf"))
+        column = torch.tensor([mask_token_id], device=x.device)
+        # Fill in place when x is already a private copy (dtype cast or row gather): saves one (N, V) buffer.
+        x = x.index_fill(1, column, float("-inf")) if x.data_ptr() == logits.data_ptr() else \
+            x.index_fill_(1, column, float("-inf"))
     lse = torch.logsumexp(x, dim=1)
     nll = lse - x.gather(1, pick(targets).unsqueeze(1)).squeeze(1)
     a, a_hat = pick(A).to(dtype), pick(A_hat).to(dtype)
@@ -301,6 +304,8 @@ def combine_vocab_parallel(partials: VocabPartials | Sequence[VocabPartials], A:
     for name, value in (("A", A), ("A_hat", A_hat), ("loss_mask", loss_mask),
                         ("local_sumexp", total.local_sumexp), ("local_target_logit", total.local_target_logit)):
         _check_row_vector(name, value, n_rows, fn)
+    if loss_mask.dtype != torch.bool:
+        raise TypeError(f"{fn}: loss_mask must be bool, got {loss_mask.dtype}")
     dtype = _compute_dtype(total.local_sumexp, A, A_hat)
     one = torch.ones((), dtype=dtype, device=A.device)
     # Off the loss mask the partials are (0, 0, 0); substitute harmless values so that neither the

@@ -19,6 +19,9 @@ from kernels.dispatch import poison_outputs
 from kernels.scheduler import lomdm_schedule, lomdm_schedule_reference, log1mexp
 
 C1, C2 = 0.7, 0.65
+# Triton runs on CUDA where there is one, else on CPU under the interpreter (tests/conftest.py).
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CPU = torch.device("cpu")
 mpmath.mp.dps = 40
 
 
@@ -102,7 +105,7 @@ def test_reference_gradient_matches_finite_differences(gen):
     assert torch.autograd.gradcheck(scalar, (g,), eps=1e-6, atol=1e-7)
 
 
-def _check_extreme_times(t_value: float, device: torch.device, backends: tuple[str, ...]) -> None:
+def _check_extreme_times(t_value: float, runs: tuple[tuple[str, torch.device], ...]) -> None:
     n_rows = 27
     a = torch.linspace(-6.0, 6.0, n_rows)
     g = torch.stack([a, -a], dim=1)            # NormSig = +-(sigmoid(a) - 1/2): k spans [c1 - c2/2, c1 + c2/2]
@@ -110,7 +113,7 @@ def _check_extreme_times(t_value: float, device: torch.device, backends: tuple[s
     valid = torch.ones(n_rows, 2, dtype=torch.bool)
     none_masked = torch.zeros(1, n_rows, 2, dtype=torch.bool)
     tm = mpmath.mpf(float(t32[0]))
-    for backend in backends:
+    for backend, device in runs:
         out = lomdm_schedule(*(x.to(device) for x in (g, t32, valid)), C1, C2, none_masked.to(device),
                              backend=backend)
         kk = [[mpmath.mpf(float(v)) for v in row] for row in out.k.cpu()]
@@ -126,7 +129,7 @@ def _check_extreme_times(t_value: float, device: torch.device, backends: tuple[s
 def test_alpha_and_log1m_accurate_at_extreme_times(t_value):
     """t^k and log(1 - t^k) against 40-digit arithmetic at the fp32 t and the returned k, for the
     reference and the kernel; the naive fp32 formula misses badly at t = 1 - 1e-6 (the test bites)."""
-    _check_extreme_times(t_value, torch.device("cpu"), ("torch", "triton"))
+    _check_extreme_times(t_value, (("torch", CPU), ("triton", TRITON_DEVICE)))
     if t_value > 0.5:  # fp32 1 - t^k keeps about two digits here, its log about three
         t32 = torch.tensor(t_value, dtype=torch.float32)
         naive_alpha = (1 - t32 ** torch.tensor(0.7)).item()
@@ -169,13 +172,13 @@ def test_triton_elementary_functions_against_mpmath():
     ds = [-0.99, -0.5, -0.1251, -0.125, -0.1249, -0.0626, -0.0625, -0.0624, -1e-3, -1e-6, 0.0, 2e-7, 1e-4,
           0.0624, 0.0625, 0.0626, 0.1249, 0.125, 0.1251, 0.7, 5.0, 1e3]
     n = max(len(xs), len(ds))
-    x = torch.tensor(xs + [-1.0] * (n - len(xs)), dtype=torch.float32)
-    d = torch.tensor(ds + [0.5] * (n - len(ds)), dtype=torch.float32)
+    x = torch.tensor(xs + [-1.0] * (n - len(xs)), dtype=torch.float32, device=TRITON_DEVICE)
+    d = torch.tensor(ds + [0.5] * (n - len(ds)), dtype=torch.float32, device=TRITON_DEVICE)
     with poison_outputs():
         out = dispatch.empty_output((4 * n,), torch.float32, x.device)
     with dispatch.quiet_interpreter(x.device):  # the discarded series branch overflows at d = 1e3
         _apply_helpers[(1,)](x, d, out, n, BLOCK=dispatch.next_power_of_2(n))
-    log1m, nexpm1, excess, log1p = out.view(4, n).double()
+    log1m, nexpm1, excess, log1p = out.view(4, n).double().cpu()
     mx = [mpmath.mpf(float(v)) for v in x]
     md = [mpmath.mpf(float(v)) for v in d]
 
@@ -194,13 +197,15 @@ def test_triton_elementary_functions_against_mpmath():
 # The Triton kernel against the reference in float64
 # ------------------------------------------------------------------------------------------------
 
-def _run(fn, g, t, valid, masks, weights, **kwargs):
-    """Outputs and d(sum of weighted outputs)/dg; a None weight leaves that output out of the loss."""
-    g = g.detach().clone().requires_grad_()
-    out = fn(g, t, valid, kwargs.pop("c1", C1), kwargs.pop("c2", C2), masks, **kwargs)
-    loss = sum((o * w.to(o.dtype)).sum() for o, w in zip(out, weights) if w is not None and o is not None)
+def _run(fn, g, t, valid, masks, weights, device=CPU, **kwargs):
+    """Outputs and d(sum of weighted outputs)/dg, computed on ``device`` and returned on the CPU;
+    a None weight leaves that output out of the loss."""
+    move = lambda x: None if x is None else x.to(device)  # noqa: E731
+    g = g.detach().clone().to(device).requires_grad_()
+    out = fn(g, move(t), move(valid), kwargs.pop("c1", C1), kwargs.pop("c2", C2), move(masks), **kwargs)
+    loss = sum((o * w.to(o)).sum() for o, w in zip(out, weights) if w is not None and o is not None)
     loss.backward()
-    return out, g.grad
+    return [None if o is None else o.cpu() for o in out], g.grad.cpu()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -228,9 +233,10 @@ def test_triton_matches_reference(gen, case, dtype):
         return out[:3] + ((None,) if mm is None else (out[3],))
 
     with poison_outputs():
-        got, got_grad = _run(kernel, g, t.float(), valid, masks, weights, c1=c1, c2=c2, k_min=k_min)
+        got, got_grad = _run(kernel, g, t.float(), valid, masks, weights, device=TRITON_DEVICE, c1=c1, c2=c2,
+                             k_min=k_min)
     if case == "one-chunk-clamped":
-        assert (want.k[valid] == k_min).any()  # the clamp is exercised
+        assert (want[0][valid] == k_min).any()  # the clamp is exercised
     assert (got[0][~valid] == c1).all()
     for name, a, b in zip(["k", "alpha", "velocity", "log_q"], got, want):
         if b is not None:
@@ -247,14 +253,15 @@ def test_public_api_triton_and_t_equal_one(gen):
     g, t, valid, masks = make_inputs(gen, 4, 20, 2)
     t[0] = 1.0
     masks[:, 0, 0] = False
-    for backend in ("torch", "triton"):
-        gg = g.float().requires_grad_()
+    for backend, device in (("torch", CPU), ("triton", TRITON_DEVICE)):
+        gg = g.float().to(device).requires_grad_()
+        valid_d = valid.to(device)
         with poison_outputs():
-            out = lomdm_schedule(gg, t.float(), valid, C1, C2, masks, backend=backend)
+            out = lomdm_schedule(gg, t.float().to(device), valid_d, C1, C2, masks.to(device), backend=backend)
             assert out.log_q[:, 0].eq(float("-inf")).all() and torch.isfinite(out.log_q[:, 1:]).all()
             (out.velocity.sum() + out.alpha.sum() + out.log_q[:, 1:].sum()).backward()
         assert torch.isfinite(gg.grad).all()
-        assert torch.isfinite(out.alpha).all() and (out.alpha[0][valid[0]] == 0).all()
+        assert torch.isfinite(out.alpha).all() and (out.alpha[0][valid_d[0]] == 0).all()
     assert lomdm_schedule(g.float(), t.float(), valid, C1, C2).log_q is None
 
 
@@ -282,9 +289,8 @@ def test_gpu_matches_reference(gen):
     g, t, valid, masks = make_inputs(gen, 32, 1024, 2)
     weights = [torch.randn(32, 1024, generator=gen) for _ in range(3)] + [torch.randn(2, 32, generator=gen)]
     want, want_grad = _run(lomdm_schedule_reference, g, t, valid, masks, [w.double() for w in weights])
-    cuda = [x.cuda() for x in (g.float(), t.float(), valid, masks)]
     with poison_outputs():
-        got, got_grad = _run(lomdm_schedule, *cuda, [w.cuda() for w in weights])
+        got, got_grad = _run(lomdm_schedule, g.float(), t.float(), valid, masks, weights, device=torch.device("cuda"))
     for name, a, b in zip(["k", "alpha", "velocity", "log_q"], got, want):
         assert rel_err(a, b) < 1e-5, name
     assert rel_err(got_grad, want_grad) < 1e-5
@@ -294,4 +300,4 @@ def test_gpu_matches_reference(gen):
 @pytest.mark.parametrize("t_value", [1e-3, 1 - 1e-6])
 def test_gpu_accurate_at_extreme_times(t_value):
     """On the GPU exp/log may be fast approximations: the kernel's series must still hold 1e-5."""
-    _check_extreme_times(t_value, torch.device("cuda"), ("torch", "triton"))
+    _check_extreme_times(t_value, (("torch", torch.device("cuda")), ("triton", torch.device("cuda"))))

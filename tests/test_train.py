@@ -30,8 +30,8 @@ def tiny_overrides(run_dir, cache, **extra) -> list[str]:
         "data.eval_batch_size": 8, "data.val_docs": 4, "model.n_layers": 1, "model.d_model": 32,
         "model.n_heads": 2, "model.cond_dim": 32, "model.dropout": 0.1, "optim.warmup_steps": 2,
         "optim.lr": 1e-3, "train.max_steps": 6, "train.log_every": 1, "train.eval_every": 1000,
-        "train.ckpt_every": 1000, "train.progress": False, "eval.max_batches": 2, "sample.num": 1,
-        "sample.steps": 4, "train.ema_decay": 0.9,
+        "train.ckpt_every": 1000, "train.progress": False, "eval.max_batches": 1, "sample.num": 1,
+        "sample.steps": 4, "sample.every_eval": False, "train.ema_decay": 0.9,
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

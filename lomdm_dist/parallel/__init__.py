@@ -9,8 +9,13 @@ from .grads import clip_grad_norm_, finalize_gradients, grad_norm
 from .layout import validate_layout
 from .mesh import MESH_DIMS, build_mesh, dp_rank, dp_size, local_rows, sum_over_dp
 from .parallelize import ParallelModel, parallelize_model
-from .step import distributed_loss, evaluation_loss, forward_backward, global_normalizer
+from .step import distributed_loss, evaluation_loss, forward_backward, global_loss_values, global_normalizer
+from .evaluate import distributed_validation_nelbo
+from .checkpoint import (CheckpointLayout, LoadedCheckpoint, PendingCheckpoint, load_distributed_checkpoint,
+                         save_distributed_checkpoint)
 
-__all__ = ["MESH_DIMS", "ParallelConfig", "ParallelModel", "build_mesh", "clip_grad_norm_", "distributed_loss",
-           "dp_rank", "dp_size", "evaluation_loss", "finalize_gradients", "forward_backward", "global_normalizer",
-           "grad_norm", "local_rows", "parallelize_model", "sum_over_dp", "validate_layout"]
+__all__ = ["MESH_DIMS", "CheckpointLayout", "LoadedCheckpoint", "ParallelConfig", "ParallelModel", "PendingCheckpoint",
+           "build_mesh", "clip_grad_norm_", "distributed_loss", "distributed_validation_nelbo", "dp_rank", "dp_size",
+           "evaluation_loss", "finalize_gradients", "forward_backward", "global_loss_values", "global_normalizer",
+           "grad_norm", "load_distributed_checkpoint", "local_rows", "parallelize_model",
+           "save_distributed_checkpoint", "sum_over_dp", "validate_layout"]

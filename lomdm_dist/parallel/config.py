@@ -1,56 +1,6 @@
-"""The ``parallel.*`` config section: how one training step is spread over processes.
+"""The ``parallel.*`` config section lives with the other typed configs (``lomdm_dist.config.parallel``);
+re-exported here for the engine's modules."""
 
-The four sizes name the dimensions of the device mesh (see ``mesh.py``); their product must equal
-the number of processes. The section is plain data: ``layout.validate_layout`` checks it against
-the model and the batch before any process group exists, so a bad layout fails in the launcher
-with a message that names the key instead of hanging in a collective.
-"""
+from ..config.parallel import ActivationCheckpointing, ParallelConfig, PipelineSchedule
 
-from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Literal
-
-ActivationCheckpointing = Literal["none", "selective", "full"]
-PipelineSchedule = Literal["1f1b", "gpipe", "interleaved_1f1b"]
-
-
-@dataclass
-class ParallelConfig:
-    tp: int = 1
-    """Tensor-parallel size (Megatron column/row split of every attention and MLP, vocab-parallel
-    embedding and output). Must divide model.n_heads, model.d_model and the MLP width."""
-    pp: int = 1
-    """Pipeline-parallel size: the DiT blocks are split into pp stages of equal depth."""
-    dp_shard: int = 1
-    """Data-parallel degree that shards parameters, gradients and optimizer state (FSDP2)."""
-    dp_replicate: int = 1
-    """Data-parallel degree that replicates (HSDP across dp_shard groups; plain DDP when dp_shard is 1)."""
-    sequence_parallel: bool = False
-    """Shard norms, residuals and dropout along the sequence inside the tensor-parallel group
-    (needs tp > 1 and data.seq_len divisible by tp)."""
-    microbatches: int = 1
-    """Pipeline microbatches per step; the local batch must divide by it. Ignored when pp is 1."""
-    activation_checkpointing: ActivationCheckpointing = "none"
-    """Recompute activations in backward: none, selective (every other block) or full (every block)."""
-    compile: bool = False
-    """torch.compile each DiT block (per block, so pipeline stages and FSDP units stay separate)."""
-    pipeline_schedule: PipelineSchedule = "1f1b"
-    """Schedule of the masked (with-grad) pipeline pass. interleaved_1f1b puts
-    ``virtual_stages`` stages on each pipeline rank."""
-    virtual_stages: int = 1
-    """Pipeline stages per pipeline rank (only interleaved_1f1b uses more than 1)."""
-
-    @property
-    def dp(self) -> int:
-        """Total data-parallel degree: how many different slices of the global batch exist."""
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def world_size(self) -> int:
-        return self.pp * self.dp_replicate * self.dp_shard * self.tp
-
-    @property
-    def num_stages(self) -> int:
-        """Pipeline stages in total (pp ranks times virtual stages per rank)."""
-        return self.pp * self.virtual_stages
+__all__ = ["ActivationCheckpointing", "ParallelConfig", "PipelineSchedule"]

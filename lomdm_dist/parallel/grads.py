@@ -49,7 +49,9 @@ def grad_norm(parameters: Iterable[nn.Parameter], pp_group: dist.ProcessGroup | 
             if any(p.is_partial() for p in grad.placements):
                 raise ValueError("grad_norm: a gradient is still partial; call finalize_gradients first")
             mesh = grad.device_mesh
-            key = (mesh, tuple(i for i, p in enumerate(grad.placements) if p.is_shard()))
+            # Every placement but Replicate splits the tensor (Shard, and FSDP2's _StridedShard over
+            # a tensor-parallel dim, which does not count as is_shard()).
+            key = (mesh, tuple(i for i, p in enumerate(grad.placements) if not p.is_replicate()))
             values = grad.to_local()
         else:
             key = (None, ())

@@ -20,6 +20,7 @@ formulas, draws and normalisation:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -184,7 +185,7 @@ def _statistics(sums: dict[str, Tensor]) -> dict[str, Tensor]:
         mean = sums["k_phi_sum"] / n.clamp(min=1)
         var = (sums["k_phi_sqsum"] - n * mean ** 2) / (n - 1).clamp(min=1)
         stats["k_phi_mean"] = mean.float()
-        stats["k_phi_std"] = var.clamp(min=0).sqrt().float() if n > 1 else torch.zeros(())
+        stats["k_phi_std"] = var.clamp(min=0).sqrt().float()
     if "k_hat_sum" in sums:
         stats["k_hat_mean"] = (sums["k_hat_sum"] / sums["k_hat_count"].clamp(min=1)).float()
     stats["masked_fraction"] = (sums["masked"] / sums["valid_copies"].clamp(min=1)).float()
@@ -193,11 +194,12 @@ def _statistics(sums: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def assemble_loss(parts: list[PassLoss], *, normalizer: Tensor | float, tokens: Tensor,
-                  loss: Tensor | None = None) -> LossOutput:
+                  loss: Tensor | None = None, reduce_sums: Callable[[Tensor], Tensor] | None = None) -> LossOutput:
     """One ``LossOutput`` from the loss terms of consecutive row sets (microbatches, in row order).
 
     ``loss`` overrides the differentiable sum (a pipeline schedule has already back-propagated the
-    per-microbatch losses; it passes their detached sum).
+    per-microbatch losses; it passes their detached sum). ``reduce_sums`` sums the statistics'
+    numerators and counts over data-parallel ranks, so ``stats`` describe the global batch.
     """
     F_main = torch.cat([p.F_main for p in parts], dim=1)
     F_vel = torch.cat([p.F_vel for p in parts], dim=1)
@@ -208,6 +210,10 @@ def assemble_loss(parts: list[PassLoss], *, normalizer: Tensor | float, tokens: 
     for p in parts:
         for key, value in p.sums.items():
             sums[key] = sums[key] + value if key in sums else value
+    if reduce_sums is not None:
+        keys = sorted(sums)
+        reduced = reduce_sums(torch.stack([sums[k].double().reshape(()) for k in keys]))
+        sums = {k: reduced[i] for i, k in enumerate(keys)}
     return LossOutput(loss=loss, nelbo=F.mean(0).sum() / normalizer, l_main=F_main.mean(0).sum() / normalizer,
                       l_velocity=F_vel.mean(0).sum() / normalizer, row_nelbo=F.double().mean(0), tokens=tokens,
                       stats=_statistics(sums))
@@ -230,7 +236,8 @@ def draw_exponents(g_phi: Tensor, t: Tensor, valid: Tensor, cfg: DiffusionConfig
 
 def local_loss(model, scheduler: Scheduler, x: Tensor, *, cfg: DiffusionConfig, seed: int, step: int, rows: Tensor,
                global_batch: int, valid: Tensor | None, num_masks: int | None, normalizer: Tensor | float,
-               time_stream: int, mask_stream: int, vocab_parallel: VocabParallel | None) -> LossOutput:
+               time_stream: int, mask_stream: int, vocab_parallel: VocabParallel | None,
+               reduce_sums: Callable[[Tensor], Tensor] | None = None) -> LossOutput:
     """All three passes on this rank's rows (no pipeline): the distributed twin of ``diffusion_loss``."""
     backbone = model.backbone
     B, L = x.shape
@@ -251,4 +258,4 @@ def local_loss(model, scheduler: Scheduler, x: Tensor, *, cfg: DiffusionConfig, 
     h = backbone.features(z, c)
     part = masked_pass_loss(model, scheduler, h=h, c=c, x=x, valid=valid, masks=masks, t64=t64, cfg=cfg,
                             g_phi=g_phi, vocab_parallel=vocab_parallel)
-    return assemble_loss([part], normalizer=normalizer, tokens=valid.sum().to(torch.float32))
+    return assemble_loss([part], normalizer=normalizer, tokens=valid.sum().to(torch.float32), reduce_sums=reduce_sums)

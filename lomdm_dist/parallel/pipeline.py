@@ -41,6 +41,7 @@ from ..diffusion.objective import LossOutput
 from ..diffusion.schedulers import Scheduler
 from ..model import DiTBlock
 from .config import ParallelConfig
+from .mesh import sum_over_dp
 from .loss import (PassLoss, VocabParallel, assemble_loss, conditioning_sigma, draw_exponents, draw_masks,
                    masked_copies, masked_pass_loss, step_randomness)
 
@@ -121,6 +122,7 @@ class StageModule(nn.Module):
         return h, c
 
 
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _STAT_KEYS_LEARNED = ("k_phi_mean", "k_phi_std", "k_hat_mean")
 _STAT_KEYS = ("masked_fraction", "t_mean")
 
@@ -146,6 +148,7 @@ class PipelineRunner:
     def __init__(self, model: nn.Module, mesh: DeviceMesh, parallel: ParallelConfig, device: torch.device,
                  vocab_parallel: VocabParallel | None) -> None:
         self.model = model
+        self.mesh = mesh
         self.parallel = parallel
         self.device = device
         self.vocab_parallel = vocab_parallel
@@ -158,21 +161,64 @@ class PipelineRunner:
         self.has_first = 0 in self.stages
         self.has_last = self.num_stages - 1 in self.stages
         self.last_rank = dist.get_global_rank(self.group, (self.num_stages - 1) % self.pp)
+        self.first_rank = dist.get_global_rank(self.group, 0)
+        self.sequence_shards = parallel.tp if parallel.sequence_parallel and parallel.tp > 1 else 1
         self._schedules: dict[tuple, object] = {}
+        self._dtypes: dict[tuple, tuple[torch.dtype, torch.dtype]] = {}
         self._context: dict | None = None
         self._parts: dict[int, PassLoss] = {}
 
     # ------------------------------------------------------------------ schedules
-    def _build_stages(self) -> list[PipelineStage]:
-        return [PipelineStage(module, stage, self.num_stages, self.device, group=self.group)
-                for module, stage in zip(self.stage_modules, self.stages)]
+    def _activation_dtypes(self) -> tuple[torch.dtype, torch.dtype]:
+        """dtypes of (h, c) between stages, probed at stage 0 on one token and shared over the group.
 
-    def _schedule(self, kind: str, shape: tuple[int, ...], loss_fn: Callable | None):
-        """A schedule per (kind, batch shape): a stage fixes its activation shapes on first use."""
-        key = (kind, shape)
+        They depend on the mixed-precision setup (FSDP parameter dtype, autocast), which every
+        stage must know before the first microbatch: the stages are built with static shapes so
+        that no stage ever runs on placeholder tensors.
+        """
+        key = torch.is_autocast_enabled(self.device.type), torch.get_autocast_dtype(self.device.type)
+        if key not in self._dtypes:
+            codes = torch.zeros(2, dtype=torch.int64, device=self.device)
+            if self.has_first:
+                backbone = self.model.backbone
+                with torch.no_grad():
+                    probe = torch.zeros(1, 1, dtype=torch.int64, device=self.device)
+                    h = backbone.embed(probe)
+                    c = backbone.conditioning(1, torch.zeros(1, device=self.device))
+                codes[0], codes[1] = _DTYPES.index(h.dtype), _DTYPES.index(c.dtype)
+            dist.broadcast(codes, src=self.first_rank, group=self.group)
+            self._dtypes[key] = (_DTYPES[int(codes[0])], _DTYPES[int(codes[1])])
+        return self._dtypes[key]
+
+    def _build_stages(self, rows: int, seq_len: int) -> list[PipelineStage]:
+        """Stages with static activation metadata for microbatches of ``rows`` rows."""
+        h_dtype, c_dtype = self._activation_dtypes()
+        backbone = self.model.backbone
+        d_model, cond_dim = backbone.d_model, backbone.cond_dim
+        inner_len = seq_len // self.sequence_shards
+
+        def meta(*shape, dtype, grad=True):
+            # Activations carry gradients between stages; the token ids and sigma of stage 0 do not.
+            return torch.empty(shape, dtype=dtype, device="meta", requires_grad=grad)
+
+        stages = []
+        for module, stage in zip(self.stage_modules, self.stages):
+            if stage == 0:
+                inputs = (meta(rows, seq_len, dtype=torch.int64, grad=False), meta(rows, dtype=torch.float32, grad=False))
+            else:
+                inputs = (meta(rows, inner_len, d_model, dtype=h_dtype), meta(rows, cond_dim, dtype=c_dtype))
+            out_len = seq_len if stage == self.num_stages - 1 else inner_len
+            outputs = (meta(rows, out_len, d_model, dtype=h_dtype), meta(rows, cond_dim, dtype=c_dtype))
+            stages.append(PipelineStage(module, stage, self.num_stages, self.device, input_args=inputs,
+                                        output_args=outputs, group=self.group))
+        return stages
+
+    def _schedule(self, kind: str, shape: tuple[int, int], loss_fn: Callable | None):
+        """A schedule per (kind, batch shape, dtypes): stages fix their activation shapes."""
+        key = (kind, shape, self._activation_dtypes())
         if key not in self._schedules:
-            stages = self._build_stages()
             micro = self.parallel.microbatches
+            stages = self._build_stages(shape[0] // micro, shape[1])
             name = self.parallel.pipeline_schedule
             if name == "interleaved_1f1b":
                 schedule = ScheduleInterleaved1F1B(stages, micro, loss_fn=loss_fn, scale_grads=False)
@@ -185,7 +231,7 @@ class PipelineRunner:
 
     def _forward_only(self, kind: str, tokens: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor] | None:
         """Forward pass of every microbatch without grad; (h, c) merged at the last stage, else None."""
-        schedule = self._schedule(kind, tuple(tokens.shape), None)
+        schedule = self._schedule(kind, (tokens.shape[0], tokens.shape[1]), None)
         with torch.no_grad():
             if self.has_first:
                 out = schedule.step(tokens, sigma)
@@ -254,7 +300,7 @@ class PipelineRunner:
         self._parts = {}
         try:
             if backward:
-                schedule = self._schedule("masked", tuple(z.shape), self._microbatch_loss)
+                schedule = self._schedule("masked", (z.shape[0], z.shape[1]), self._microbatch_loss)
                 target = torch.arange(B)
                 args = (z, sigma) if self.has_first else ()
                 schedule.step(*args, target=target if self.has_last else None, return_outputs=False)
@@ -271,7 +317,8 @@ class PipelineRunner:
             if self.has_last:
                 parts = [self._parts[i] for i in range(micro)]
                 loss = sum(p.surrogate.detach().sum() for p in parts) / normalizer
-                result = assemble_loss(parts, normalizer=normalizer, tokens=tokens, loss=loss)
+                result = assemble_loss(parts, normalizer=normalizer, tokens=tokens, loss=loss,
+                                       reduce_sums=lambda v: sum_over_dp(v, self.mesh))
                 packed = _pack(result, learned)
             else:
                 n_stats = len(_STAT_KEYS) + (len(_STAT_KEYS_LEARNED) if learned else 0)

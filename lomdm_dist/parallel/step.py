@@ -56,7 +56,8 @@ def distributed_loss(pm: ParallelModel, scheduler: Scheduler, x: Tensor, *, cfg:
     valid, normalizer, K = _prepare(pm, x, valid, normalizer, cfg, num_masks)
     return local_loss(pm.model, scheduler, x, cfg=cfg, seed=seed, step=step, rows=rows, global_batch=global_batch,
                       valid=valid, num_masks=K, normalizer=normalizer, time_stream=time_stream,
-                      mask_stream=mask_stream, vocab_parallel=pm.vocab_parallel)
+                      mask_stream=mask_stream, vocab_parallel=pm.vocab_parallel,
+                      reduce_sums=lambda v: sum_over_dp(v, pm.mesh))
 
 
 def forward_backward(pm: ParallelModel, scheduler: Scheduler, x: Tensor, *, cfg: DiffusionConfig, seed: int,
@@ -97,3 +98,17 @@ def evaluation_loss(pm: ParallelModel, scheduler: Scheduler, x: Tensor, *, cfg: 
         return pm.pipeline.run(scheduler, x, valid=valid, num_masks=K, normalizer=normalizer, backward=False,
                                **kwargs)
     return distributed_loss(pm, scheduler, x, valid=valid, num_masks=num_masks, normalizer=normalizer, **kwargs)
+
+
+_SUMMED = ("loss", "nelbo", "l_main", "l_velocity")
+
+
+def global_loss_values(pm: ParallelModel, out: LossOutput) -> dict[str, float]:
+    """What a log line reports for the whole global batch, identical on every rank.
+
+    ``loss``, ``nelbo``, ``l_main`` and ``l_velocity`` are each rank's share of the global value
+    (divided by the global token count), so they are summed over data-parallel ranks; ``out.stats``
+    already describe the global batch (their sums were reduced before the ratios were taken).
+    """
+    values = sum_over_dp(torch.stack([getattr(out, n).detach().double().reshape(()) for n in _SUMMED]), pm.mesh)
+    return {**{n: values[i].item() for i, n in enumerate(_SUMMED)}, **{k: v.item() for k, v in out.stats.items()}}

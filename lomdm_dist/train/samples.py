@@ -29,7 +29,7 @@ def sample_records(result, decode: Callable[[list[int]], str], *, vocab_size: in
 def write_jsonl_atomic(path: str | os.PathLike, records: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")

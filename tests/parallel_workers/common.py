@@ -58,9 +58,43 @@ def batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+PAD_ID = VOCAB - 2
+
+
+def eval_batches() -> list[torch.Tensor]:
+    """Two global validation batches; row 2 of each ends in padding (PAD_ID)."""
+    gen = torch.Generator().manual_seed(456)
+    out = []
+    for _ in range(2):
+        x = torch.randint(0, VOCAB - 2, (BATCH, SEQ_LEN), generator=gen)
+        x[2, -5:] = PAD_ID
+        out.append(x)
+    return out
+
+
+def single_process_steps(cfg: Config, model: torch.nn.Module, optimizer, ema: EMA, steps: range) -> list[float]:
+    """Updates ``steps`` of one process on the whole batch (the reference for resumed runs)."""
+    scheduler = build_scheduler(cfg.diffusion)
+    data = batches(steps.stop)
+    losses = []
+    for step in steps:
+        x, valid = data[step]
+        set_learning_rate(optimizer, step, cfg.optim.warmup_steps)
+        optimizer.zero_grad(set_to_none=True)
+        out = diffusion_loss(model, scheduler, x, cfg=cfg.diffusion, seed=SEED, step=step, rows=torch.arange(BATCH),
+                             global_batch=BATCH, valid=valid)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        ema.update(model)
+        losses.append(out.loss.item())
+    return losses
+
+
 def reference_run(cfg: Config, model: torch.nn.Module, steps: int = STEPS) -> dict:
     """One process, the whole batch: step-0 loss and gradients, then the losses of ``steps`` updates."""
     model = copy.deepcopy(model)
+    torch.manual_seed(0)
     scheduler = build_scheduler(cfg.diffusion)
     optimizer = build_optimizer(model, cfg.optim)
     ema = EMA(model, 0.9)

@@ -1,19 +1,14 @@
-"""Worker: for each named layout, the sharded step-0 loss, gradients and five updates, next to the
-single-process reference computed in the same process.
-
-usage: equivalence.py OUT_DIR LAYOUT [LAYOUT ...]   (LAYOUT = name in LAYOUTS, e.g. tp2-lomdm)
-"""
+"""Equivalence task: for a named layout, the sharded step-0 loss, gradients and five updates,
+next to the single-process reference computed in the same process."""
 
 from __future__ import annotations
 
-import sys
+from functools import lru_cache
 
-import torch
-
-from common import (BATCH, SEED, STEPS, batches, finish, full, init, make_config, make_model, reference_run)
+from common import BATCH, SEED, STEPS, batches, full, make_config, make_model, reference_run
 from lomdm_dist.diffusion.schedulers import build_scheduler
-from lomdm_dist.parallel import (ParallelConfig, build_mesh, clip_grad_norm_, forward_backward, local_rows,
-                                 parallelize_model)
+from lomdm_dist.parallel import (ParallelConfig, build_mesh, clip_grad_norm_, forward_backward, global_loss_values,
+                                 local_rows, parallelize_model)
 from lomdm_dist.train.ema import EMA
 from lomdm_dist.train.optimizer import build_optimizer, set_learning_rate
 
@@ -28,15 +23,26 @@ LAYOUTS = {
     "tp2pp2": ParallelConfig(tp=2, pp=2, microbatches=2),
     "tp2pp2sp": ParallelConfig(tp=2, pp=2, microbatches=2, sequence_parallel=True),
     "tp2fsdp2": ParallelConfig(tp=2, dp_shard=2),
+    "pp2fsdp2": ParallelConfig(pp=2, dp_shard=2, microbatches=2),
+    "tp2ac": ParallelConfig(tp=2, activation_checkpointing="full"),
+    "pp2ac": ParallelConfig(pp=2, microbatches=2, activation_checkpointing="selective"),
 }
 
 
+@lru_cache(maxsize=None)
+def cached_reference(scheduler_name: str, steps: int) -> dict:
+    cfg = make_config(scheduler_name)
+    return reference_run(cfg, make_model(cfg), steps)
+
+
 def run_layout(name: str, world_size: int) -> dict:
-    layout, scheduler_name = name.rsplit("-", 1)
+    """``name`` = LAYOUT-SCHEDULER[-steps] (e.g. tp2-lomdm, tp2pp2-block-1)."""
+    layout, scheduler_name, *rest = name.split("-")
+    steps = int(rest[0]) if rest else STEPS
     par = LAYOUTS[layout]
     cfg = make_config(scheduler_name)
     model = make_model(cfg)
-    reference = reference_run(cfg, model)
+    reference = cached_reference(scheduler_name, steps)
 
     mesh = build_mesh(cfg, world_size, parallel=par)
     pm = parallelize_model(model, mesh, par)
@@ -45,7 +51,7 @@ def run_layout(name: str, world_size: int) -> dict:
     ema = EMA(pm.model, 0.9)
     rows = local_rows(mesh, BATCH)
     record: dict = {"losses": [], "nelbo": [], "grad_norms": []}
-    for step, (x, valid) in enumerate(batches(STEPS)):
+    for step, (x, valid) in enumerate(batches(steps)):
         set_learning_rate(optimizer, step, cfg.optim.warmup_steps)
         optimizer.zero_grad(set_to_none=True)
         out = forward_backward(pm, scheduler, x[rows], cfg=cfg.diffusion, seed=SEED, step=step, rows=rows,
@@ -55,22 +61,13 @@ def run_layout(name: str, world_size: int) -> dict:
             record["row_nelbo"] = out.row_nelbo.clone()
             record["rows"] = rows.clone()
             record["stats"] = {k: v.item() for k, v in out.stats.items()}
+            record["logged_stats"] = {k: v for k, v in global_loss_values(pm, out).items() if k in out.stats}
         record["grad_norms"].append(clip_grad_norm_(pm.parameters(), cfg.optim.grad_clip, pm.pp_group).item())
         optimizer.step()
         ema.update(pm.model)
-        record["losses"].append(out.loss.item())
-        record["nelbo"].append(out.nelbo.item())
+        logged = global_loss_values(pm, out)
+        record["losses"].append(logged["loss"])
+        record["nelbo"].append(logged["nelbo"])
     record["ema"] = {n: full(v) for n, v in ema.shadow.items()}
     record["params"] = {n: full(p) for n, p in pm.named_parameters()}
     return {"reference": reference, "parallel": record}
-
-
-def main() -> None:
-    out_dir, names = sys.argv[1], sys.argv[2:]
-    rank, world_size = init()
-    results = {name: run_layout(name, world_size) for name in names}
-    finish(out_dir, results)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,38 @@
+"""Multi-process test worker: runs the requested tasks in one process group, writes rank<r>.pt.
+
+usage: worker.py OUT_DIR TASK [TASK ...]
+  layout=NAME                      equivalence of a layout with one process (see equivalence.LAYOUTS)
+  checkpoint=IN_CKPT,RUN_DIR       DCP resharding (see checkpointing.run_checkpoint)
+One spawn serves many tasks: starting the processes costs more than a toy step.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from common import finish, init
+
+
+def main() -> None:
+    out_dir, tasks = sys.argv[1], sys.argv[2:]
+    rank, world_size = init()
+    results: dict = {"timings": {}}
+    for task in tasks:
+        kind, _, arg = task.partition("=")
+        start = time.perf_counter()
+        if kind == "layout":
+            from equivalence import run_layout
+            results[arg] = run_layout(arg, world_size)
+        elif kind == "checkpoint":
+            from checkpointing import run_checkpoint
+            source, run_dir = arg.split(",")
+            results["checkpoint"] = run_checkpoint(source, run_dir, world_size)
+        else:
+            raise SystemExit(f"unknown task {task!r}")
+        results["timings"][task] = time.perf_counter() - start
+    finish(out_dir, results)
+
+
+if __name__ == "__main__":
+    main()

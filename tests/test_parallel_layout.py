@@ -1,0 +1,306 @@
+"""In-process tests of the distributed engine's pieces that need no process group: layout
+validation, the split-up objective against ``diffusion_loss``, pipeline splitting, gradient
+clipping, activation checkpointing and the checkpoint protocol."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "parallel_workers"))
+
+from common import BATCH, PAD_ID, SEED, batches, eval_batches, make_config, make_model  # noqa: E402
+from lomdm_dist.config import ConfigError  # noqa: E402
+from lomdm_dist.diffusion.objective import diffusion_loss  # noqa: E402
+from lomdm_dist.diffusion.schedulers import build_scheduler  # noqa: E402
+from lomdm_dist.eval.perplexity import validation_nelbo  # noqa: E402
+from lomdm_dist.parallel import (ParallelConfig, build_mesh, clip_grad_norm_, grad_norm,  # noqa: E402
+                                 load_distributed_checkpoint, save_distributed_checkpoint, validate_layout)
+from lomdm_dist.parallel.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
+from lomdm_dist.parallel.loss import (assemble_loss, clean_features, draw_exponents, draw_masks,  # noqa: E402
+                                      local_loss, masked_copies, masked_pass_loss, step_randomness)
+from lomdm_dist.parallel.pipeline import (PipelineHole, StageModule, keep_stage_parts, rank_stages,  # noqa: E402
+                                          stage_blocks)
+from lomdm_dist.train.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint  # noqa: E402
+from lomdm_dist.train.ema import EMA  # noqa: E402
+from lomdm_dist.train.optimizer import build_optimizer  # noqa: E402
+
+SCHEDULERS = ["lomdm", "mdlm", "poly", "arm", "block"]
+
+
+# --- layout validation --------------------------------------------------------------------------
+
+def test_good_layouts_pass():
+    cfg = make_config()          # 4 layers, 4 heads, d 32, MLP 64, head MLP 16, batch 8, length 16
+    for par, world in [(ParallelConfig(), 1), (ParallelConfig(tp=2, sequence_parallel=True), 2),
+                       (ParallelConfig(tp=4, pp=2, microbatches=2), 8),
+                       (ParallelConfig(pp=2, microbatches=2, pipeline_schedule="interleaved_1f1b", virtual_stages=2), 2),
+                       (ParallelConfig(dp_replicate=2, dp_shard=2), 4)]:
+        assert validate_layout(cfg, world, par) is par
+
+
+@pytest.mark.parametrize("par, world, keys", [
+    (ParallelConfig(tp=2), 4, ["parallel.pp", "parallel.dp_replicate", "parallel.dp_shard", "parallel.tp", "(4)"]),
+    (ParallelConfig(tp=3), 3, ["parallel.tp (3)", "model.n_heads (4)"]),
+    (ParallelConfig(tp=8), 8, ["parallel.tp (8)", "model.n_heads"]),
+    (ParallelConfig(pp=3, microbatches=3), 3, ["parallel.pp (3)", "model.n_layers (4)"]),
+    (ParallelConfig(dp_shard=3), 3, ["data.batch_size (8)", "parallel.dp_shard"]),
+    (ParallelConfig(pp=2, microbatches=3), 2, ["data.batch_size (8)", "parallel.microbatches"]),
+    (ParallelConfig(pp=2, microbatches=1), 2, ["parallel.microbatches (1)", "parallel.pp (2)"]),
+    (ParallelConfig(virtual_stages=2), 1, ["parallel.virtual_stages", "interleaved_1f1b"]),
+    (ParallelConfig(tp=0), 1, ["parallel.tp must be a positive integer"]),
+    (ParallelConfig(activation_checkpointing="some"), 1, ["parallel.activation_checkpointing"]),
+])
+def test_bad_layouts_name_the_keys(par, world, keys):
+    with pytest.raises(ConfigError) as err:
+        validate_layout(make_config(), world, par)
+    for key in keys:
+        assert key in str(err.value)
+
+
+def test_sequence_parallel_needs_divisible_length():
+    cfg = make_config()
+    cfg.data.seq_len = 15
+    with pytest.raises(ConfigError, match=r"parallel.tp \(2\) to divide data.seq_len \(15\)"):
+        validate_layout(cfg, 2, ParallelConfig(tp=2, sequence_parallel=True))
+
+
+def test_bad_layout_fails_before_any_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(ConfigError, match="model.n_heads"):
+        build_mesh(make_config(), 3, parallel=ParallelConfig(tp=3))
+    assert not dist.is_initialized()
+
+
+# --- the split-up objective equals diffusion_loss -------------------------------------------------
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("scheduler_name", SCHEDULERS)
+def test_local_loss_equals_diffusion_loss(scheduler_name):
+    cfg = make_config(scheduler_name)
+    x, valid = batches(1)[0]
+    rows = torch.arange(BATCH)
+    scheduler = build_scheduler(cfg.diffusion)
+    ref_model, model = make_model(cfg), make_model(cfg)
+    ref = diffusion_loss(ref_model, scheduler, x, cfg=cfg.diffusion, seed=SEED, step=2, rows=rows,
+                         global_batch=BATCH, valid=valid)
+    ref.loss.backward()
+    out = local_loss(model, scheduler, x, cfg=cfg.diffusion, seed=SEED, step=2, rows=rows, global_batch=BATCH,
+                     valid=valid, num_masks=None, normalizer=valid.sum().float(), time_stream=1, mask_stream=16,
+                     vocab_parallel=None)
+    out.loss.backward()
+    for field in ("loss", "nelbo", "l_main", "l_velocity"):
+        torch.testing.assert_close(getattr(out, field), getattr(ref, field), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.row_nelbo, ref.row_nelbo, rtol=1e-6, atol=1e-7)
+    assert out.stats.keys() == ref.stats.keys()
+    for key in ref.stats:
+        torch.testing.assert_close(out.stats[key].float(), ref.stats[key].float(), rtol=1e-5, atol=1e-6)
+    ref_grads, grads = _grads(ref_model), _grads(model)
+    assert ref_grads.keys() == grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_microbatched_last_stage_loss_equals_whole_batch():
+    """What the last pipeline stage computes per microbatch (phi re-applied on stored, detached clean
+    features) adds up to diffusion_loss on the whole batch, gradients included."""
+    cfg = make_config("lomdm")
+    x, valid = batches(1)[0]
+    rows = torch.arange(BATCH)
+    scheduler = build_scheduler(cfg.diffusion)
+    ref_model, model = make_model(cfg), make_model(cfg)
+    ref = diffusion_loss(ref_model, scheduler, x, cfg=cfg.diffusion, seed=SEED, step=0, rows=rows,
+                         global_batch=BATCH, valid=valid)
+    ref.loss.backward()
+
+    backbone = model.backbone
+    t64, uniforms = step_randomness(seed=SEED, step=0, rows=rows, global_batch=BATCH, seq_len=x.shape[1],
+                                    num_masks=2, cfg=cfg.diffusion)
+    t = t64.float()
+    h_clean, c_clean = clean_features(model, x, t)
+    h_clean, c_clean = h_clean.detach(), c_clean.detach()
+    with torch.no_grad():
+        k_draw = draw_exponents(model.phi(h_clean, c_clean), t, valid, cfg.diffusion)
+    masks = draw_masks(scheduler, t64, uniforms, valid, k_draw)
+    normalizer = valid.sum().float()
+    parts = []
+    for chunk in (slice(0, 3), slice(3, 8)):      # unequal microbatches on purpose
+        z = masked_copies(x[chunk], masks[:, chunk], model.mask_token_id)
+        c = backbone.conditioning(z.shape[0])
+        h = backbone.features(z, c)
+        part = masked_pass_loss(model, scheduler, h=h, c=c, x=x[chunk], valid=valid[chunk], masks=masks[:, chunk],
+                                t64=t64[chunk], cfg=cfg.diffusion, h_clean=h_clean[chunk], c_clean=c_clean[chunk])
+        (part.surrogate.sum() / normalizer).backward()
+        parts.append(part)
+    out = assemble_loss(parts, normalizer=normalizer, tokens=valid.sum().float())
+    torch.testing.assert_close(out.loss.detach(), ref.loss.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.row_nelbo, ref.row_nelbo, rtol=1e-6, atol=1e-7)
+    for key in ref.stats:
+        torch.testing.assert_close(out.stats[key].float(), ref.stats[key].float(), rtol=1e-5, atol=1e-6)
+    ref_grads, grads = _grads(ref_model), _grads(model)
+    assert ref_grads.keys() == grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# --- pipeline split -------------------------------------------------------------------------------
+
+def test_stage_assignment():
+    assert [list(stage_blocks(8, 4, s)) for s in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert rank_stages(1, 2, 2) == [1, 3]      # looped: the interleaved schedules' convention
+    assert rank_stages(0, 4, 1) == [0]
+
+
+@pytest.mark.parametrize("pp, virtual", [(2, 1), (2, 2), (4, 1)])
+def test_stage_parts_partition_the_parameters_and_chain_to_the_full_forward(pp, virtual):
+    cfg = make_config("lomdm")
+    full = make_model(cfg)
+    names = {n for n, _ in full.named_parameters()}
+    num_stages = pp * virtual
+    parts, seen = {}, set()
+    for rank in range(pp):
+        part = copy.deepcopy(full)
+        keep_stage_parts(part, rank_stages(rank, pp, virtual), num_stages)
+        own = {n for n, _ in part.named_parameters()}
+        assert not own & seen, "two pipeline ranks hold the same parameter"
+        seen |= own
+        for stage in rank_stages(rank, pp, virtual):
+            parts[stage] = StageModule(part, stage, num_stages)
+    assert seen == names
+    x, _ = batches(1)[0]
+    sigma = torch.zeros(BATCH)
+    with torch.no_grad():
+        h, c = parts[0](x, sigma)
+        for stage in range(1, num_stages):
+            h, c = parts[stage](h, c)
+        expected = full.backbone.features(x, full.backbone.conditioning(BATCH))
+    torch.testing.assert_close(h, expected, rtol=0, atol=0)
+    part = copy.deepcopy(full)
+    keep_stage_parts(part, [1], 2)
+    assert isinstance(part.backbone.blocks[0], PipelineHole) and part.backbone.embed is None
+    with pytest.raises(ValueError, match="does not hold"):
+        StageModule(part, 0, 2)
+
+
+# --- gradient norm and clipping -------------------------------------------------------------------
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])
+def test_clip_grad_norm_matches_torch_on_plain_parameters(max_norm):
+    cfg = make_config("mdlm")
+    x, valid = batches(1)[0]
+    models = [make_model(cfg), make_model(cfg)]
+    scheduler = build_scheduler(cfg.diffusion)
+    for m in models:
+        diffusion_loss(m, scheduler, x, cfg=cfg.diffusion, seed=SEED, step=0, rows=torch.arange(BATCH),
+                       global_batch=BATCH, valid=valid).loss.backward()
+    expected = torch.nn.utils.clip_grad_norm_(models[0].parameters(), max_norm)
+    assert grad_norm(models[1].parameters()).item() == pytest.approx(expected.item(), rel=1e-6)
+    norm = clip_grad_norm_(models[1].parameters(), max_norm)
+    assert norm.item() == pytest.approx(expected.item(), rel=1e-6)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-9, msg=name)
+
+
+# --- activation checkpointing ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode, recomputed", [("none", 0), ("selective", 2), ("full", 6)])
+def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients(mode, recomputed):
+    cfg = make_config("lomdm")
+    x, valid = batches(1)[0]
+    scheduler = build_scheduler(cfg.diffusion)
+    ref_model, model = make_model(cfg), make_model(cfg)
+    apply_activation_checkpointing(model, mode)
+    calls = []
+    blocks = [b for b in model.backbone.blocks] + [model.phi.block, model.psi.block]
+    for block in blocks:
+        block.attn.register_forward_pre_hook(lambda mod, args: calls.append(torch.is_grad_enabled()))
+    kwargs = dict(cfg=cfg.diffusion, seed=SEED, step=0, rows=torch.arange(BATCH), global_batch=BATCH, valid=valid)
+    diffusion_loss(ref_model, scheduler, x, **kwargs).loss.backward()
+    out = diffusion_loss(model, scheduler, x, **kwargs)
+    forward_calls = len(calls)
+    out.loss.backward()
+    # checkpointed blocks run their forward again during backward: 4 backbone blocks on the masked
+    # pass (selective: blocks 0 and 2) and, for full, the phi and psi blocks too.
+    assert len(calls) - forward_calls == recomputed
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in ref_model.named_parameters()]
+    for (name, p), q in zip(ref_model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-9, msg=name)
+
+
+# --- checkpoints without a process group ----------------------------------------------------------
+
+def test_distributed_checkpoint_round_trip_in_one_process(tmp_path):
+    cfg = make_config("lomdm")
+    model = make_model(cfg)
+    optimizer = build_optimizer(model, cfg.optim)
+    ema = EMA(model, 0.9)
+    scheduler = build_scheduler(cfg.diffusion)
+    x, valid = batches(1)[0]
+    diffusion_loss(model, scheduler, x, cfg=cfg.diffusion, seed=SEED, step=0, rows=torch.arange(BATCH),
+                   global_batch=BATCH, valid=valid).loss.backward()
+    optimizer.step()
+    ema.update(model)
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        path = save_distributed_checkpoint(run, step, model=model, optimizer=optimizer, ema_shadow=ema.shadow,
+                                           data_state={"position": step}, config_yaml="a: 1\n",
+                                           trainer_state={"step": step, "ema_num_updates": ema.num_updates},
+                                           meta={"vocab_size": model.vocab_size}, keep=2)
+    assert latest_checkpoint(run) == path and path.name == "step-00000003"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    marker = json.loads((path / "COMPLETE").read_text())
+    assert "data/dp0-of-1.pt" in marker["sha256"] and any(k.startswith("state/") for k in marker["sha256"])
+    verify_checkpoint(path)
+
+    fresh = make_model(cfg, seed=5)
+    fresh_opt = build_optimizer(fresh, cfg.optim)
+    fresh_ema = EMA(fresh, 0.9)
+    loaded = load_distributed_checkpoint(run, model=fresh, optimizer=fresh_opt, ema_shadow=fresh_ema.shadow)
+    assert loaded.step == 3 and loaded.data_state == {"position": 3} and loaded.config_yaml == "a: 1\n"
+    assert loaded.trainer_state == {"step": 3, "ema_num_updates": 1}
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name
+        assert torch.equal(ema.shadow[name], fresh_ema.shadow[name]), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(optimizer.state[p][key], fresh_opt.state[q][key]), (name, key)
+    val = validation_nelbo(model, scheduler, eval_batches(), cfg=cfg.diffusion, seed=SEED, pad_id=PAD_ID)
+    val_fresh = validation_nelbo(fresh, scheduler, eval_batches(), cfg=cfg.diffusion, seed=SEED, pad_id=PAD_ID)
+    assert val_fresh["val_nelbo"] == val["val_nelbo"]
+
+    # a damaged shard is caught by the marker's hashes, an incomplete directory is never picked
+    shard = next((path / "state").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_distributed_checkpoint(path, model=fresh)
+    (run / "checkpoints" / ".tmp-step-00000009").mkdir()
+    assert latest_checkpoint(run) == path
+
+
+def test_loading_a_checkpoint_into_a_different_model_names_the_problem(tmp_path):
+    cfg = make_config("lomdm")
+    path = save_distributed_checkpoint(tmp_path, 1, model=make_model(cfg), config_yaml="", meta={})
+    other = make_model(make_config("lomdm", n_layers=6))
+    with pytest.raises(CheckpointError, match="does not match this model"):
+        load_distributed_checkpoint(path, model=other)
+
+
+def test_plain_checkpoints_are_refused_with_a_clear_message(tmp_path):
+    from lomdm_dist.train.checkpoint import save_checkpoint
+
+    cfg = make_config("mdlm")
+    model = make_model(cfg)
+    path = save_checkpoint(tmp_path, 1, model_state=model.state_dict(), ema_state=None, trainer_state={},
+                           config_yaml="", meta={}, keep=1)
+    with pytest.raises(CheckpointError, match="not a distributed"):
+        load_distributed_checkpoint(path, model=model)
