@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import sys
+
 import pytest
 import webdataset as wds
 
@@ -205,14 +207,10 @@ def test_sources_text_parquet_and_errors(tmp_path):
         SourceSpec("csv", ("x",))
 
 
-def test_hf_source_without_datasets_is_a_clear_error():
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(DataError, match="'datasets' package is not installed"):
-            list(iter_raw_documents(SourceSpec("hf", ("Skylion007/openwebtext",))))
-    else:
-        pytest.skip("datasets is installed")
+def test_hf_source_without_datasets_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes ``import datasets`` raise ImportError
+    with pytest.raises(DataError, match="'datasets' package is not installed"):
+        list(iter_raw_documents(SourceSpec("hf", ("Skylion007/openwebtext",))))
 
 
 def test_lm1b_detokenizer_follows_mdlm_rules():

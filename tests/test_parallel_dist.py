@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "parallel_workers"))
 
-from common import PAD_ID, SEED, eval_batches, make_config, make_model, single_process_steps  # noqa: E402
+from parallel_common import PAD_ID, SEED, eval_batches, make_config, make_model, single_process_steps  # noqa: E402
 from dist_utils import run_workers  # noqa: E402
 from lomdm_dist.diffusion.schedulers import build_scheduler  # noqa: E402
 from lomdm_dist.eval.perplexity import validation_nelbo  # noqa: E402
@@ -37,7 +37,8 @@ pytestmark = pytest.mark.dist
 TWO_RANKS = ["tp2-lomdm", "tp2-mdlm", "tp2sp-lomdm", "tp2sp-mdlm", "fsdp2-lomdm", "fsdp2-mdlm",
              "pp2-lomdm", "pp2-mdlm", "ddp2-lomdm-1", "pp2gpipe-mdlm-1", "pp2i-lomdm-1", "tp2ac-lomdm-1",
              "pp2ac-lomdm-1", "tp2-poly-1", "tp2-arm-1", "tp2-block-1"]
-FOUR_RANKS = ["tp2pp2-lomdm", "tp2pp2-mdlm", "tp2pp2sp-lomdm-1", "tp2fsdp2-lomdm-1", "tp2pp2-block-1"]
+FOUR_RANKS = ["tp2pp2-lomdm", "tp2pp2-mdlm", "tp2pp2sp-lomdm-1", "tp2fsdp2-lomdm-1", "pp2fsdp2-lomdm-1",
+              "tp2pp2-block-1"]
 
 REL_LOSS = 1e-5
 REL_GRAD = 2e-5
@@ -46,7 +47,8 @@ ABS_PARAM = 3e-4
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
-    return run_workers("worker.py", 2, tmp_path_factory.mktemp("two_ranks"), *(f"layout={n}" for n in TWO_RANKS))
+    return run_workers("worker.py", 2, tmp_path_factory.mktemp("two_ranks"), *(f"layout={n}" for n in TWO_RANKS),
+                       "dropout=tp2", "dropout=tp2sp")
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +124,18 @@ def test_sequence_parallel_on_and_off_give_the_same_numbers(two_rank_results, sc
     assert on["losses"] == pytest.approx(off["losses"], rel=REL_LOSS)
     for pname, grad in off["grads"].items():
         torch.testing.assert_close(on["grads"][pname], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item() + 1e-9)
+
+
+@pytest.mark.parametrize("layout", ["tp2", "tp2sp"])
+def test_dropout_keeps_tensor_parallel_replicas_in_step(two_rank_results, layout):
+    """With dropout on, the tensor-parallel peers must drop the same elements of replicated
+    activations (else their copies of the residual stream drift apart) and, under sequence
+    parallelism, draw their own masks for their own positions."""
+    first, second = (r[f"dropout-{layout}"] for r in two_rank_results)
+    assert first["loss"] != pytest.approx(first["reference"], rel=1e-3), "dropout had no effect"
+    assert first["loss"] == pytest.approx(second["loss"], rel=1e-6)
+    torch.testing.assert_close(first["norm_grad"], second["norm_grad"], rtol=1e-6, atol=1e-9)
+    assert (first["seed"] == second["seed"]) == (layout == "tp2")
 
 
 def test_checkpoint_from_one_process_loads_into_tp2_pp2(four_rank_results):

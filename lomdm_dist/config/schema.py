@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from .parallel import ParallelConfig
+from .slurm import SlurmConfig
 
 SchedulerName = Literal["mdlm", "poly", "arm", "block", "lomdm"]
 
@@ -169,6 +170,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def validate(self) -> "Config":
         """Reject impossible values; every message names the key."""

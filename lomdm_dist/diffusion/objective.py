@@ -46,7 +46,7 @@ class LossOutput:
     """Detached diagnostics: exponent statistics, masked fraction, mean t."""
 
 
-def _rloo_term(F: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+def rloo_term(F: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """(1/K) sum_r sg(F_r - mean_{j != r} F_j) log q_r, per row. F, log_q: (K, B)."""
     K = F.shape[0]
     F = F.detach()
@@ -127,7 +127,7 @@ def diffusion_loss(model, scheduler: Scheduler, x: torch.Tensor, *, cfg: Diffusi
     F = F_main + F_vel
     surrogate = F.mean(0)
     if log_q is not None and K > 1:
-        surrogate = surrogate + _rloo_term(F, log_q)
+        surrogate = surrogate + rloo_term(F, log_q)
 
     stats["masked_fraction"] = (masks.sum() / (valid.sum() * K).clamp(min=1)).detach().float()
     stats["t_mean"] = t.mean().detach()

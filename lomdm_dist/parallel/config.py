@@ -1,5 +1,8 @@
-"""The ``parallel.*`` config section lives with the other typed configs (``lomdm_dist.config.parallel``);
-re-exported here for the engine's modules."""
+"""The ``parallel.*`` config section, re-exported where the engine's code looks for it.
+
+The dataclass lives with the other typed configs (``lomdm_dist/config/parallel.py``) so that the
+config package does not import the distributed engine; ``layout.validate_layout`` checks it.
+"""
 
 from ..config.parallel import ActivationCheckpointing, ParallelConfig, PipelineSchedule
 

@@ -18,9 +18,12 @@ _SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
 
 
 def parallel_section(cfg: Any, parallel: ParallelConfig | None = None) -> ParallelConfig:
-    """The ``parallel`` section: the explicit argument, else ``cfg.parallel``, else the defaults."""
+    """The ``parallel`` section: the explicit argument, ``cfg`` itself when it is one, else
+    ``cfg.parallel``, else the defaults."""
     if parallel is not None:
         return parallel
+    if isinstance(cfg, ParallelConfig):
+        return cfg
     found = getattr(cfg, "parallel", None)
     return found if found is not None else ParallelConfig()
 

@@ -32,7 +32,7 @@ from kernels.velocity_loss import (VocabPartials, combine_vocab_parallel, rescal
 
 from ..config import DiffusionConfig
 from ..diffusion import randomness
-from ..diffusion.objective import LossOutput, _rloo_term
+from ..diffusion.objective import LossOutput, rloo_term
 from ..diffusion.schedulers import Scheduler
 from .collectives import all_reduce_max, all_reduce_replicated_loss
 
@@ -171,7 +171,7 @@ def masked_pass_loss(model, scheduler: Scheduler, *, h: Tensor, c: Tensor, x: Te
     F = F_main + F_vel
     surrogate = F.mean(0)
     if log_q is not None and K > 1:
-        surrogate = surrogate + _rloo_term(F, log_q)
+        surrogate = surrogate + rloo_term(F, log_q)
     sums.update(masked=masks.sum().double(), valid_copies=(valid.sum() * K).double(), t_sum=t.sum().double(),
                 rows=torch.tensor(float(B), dtype=torch.float64))
     return PassLoss(surrogate=surrogate, F_main=F_main.detach(), F_vel=F_vel.detach(), sums=sums)

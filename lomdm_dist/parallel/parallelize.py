@@ -74,7 +74,7 @@ def parallelize_model(model: nn.Module, mesh: DeviceMesh, cfg: Any, *, device: t
     ``param_dtype``: FSDP2 mixed precision (e.g. ``torch.bfloat16`` on GPU; gradients are reduced in
     fp32); None keeps the parameters' dtype.
     """
-    par = cfg if isinstance(cfg, ParallelConfig) else parallel_section(cfg)
+    par = parallel_section(cfg)
     _check_materialised(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)

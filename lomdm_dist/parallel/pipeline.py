@@ -182,7 +182,7 @@ class PipelineRunner:
             if self.has_first:
                 backbone = self.model.backbone
                 with torch.no_grad():
-                    probe = torch.zeros(1, 1, dtype=torch.int64, device=self.device)
+                    probe = torch.zeros(1, self.sequence_shards, dtype=torch.int64, device=self.device)
                     h = backbone.embed(probe)
                     c = backbone.conditioning(1, torch.zeros(1, device=self.device))
                 codes[0], codes[1] = _DTYPES.index(h.dtype), _DTYPES.index(c.dtype)

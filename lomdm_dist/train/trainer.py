@@ -195,10 +195,41 @@ class Trainer:
                 self.model, self.scheduler, self.data.eval_batches(max_batches=cfg.eval.max_batches),
                 cfg=cfg.diffusion, seed=cfg.train.seed, device=self.device, pad_id=self.data.pad_id,
                 t_samples=cfg.eval.t_samples, autocast_dtype=self.autocast_dtype)
-            if cfg.sample.every_eval and self.rank == 0:
-                self._write_samples()
+            if self.rank == 0:
+                if self.scheduler.learned:
+                    self._log_priorities()
+                if cfg.sample.every_eval:
+                    self._write_samples()
         self.last_eval = result
         return result
+
+    @torch.no_grad()
+    def _log_priorities(self, rows: int = 8) -> None:
+        """Histogram of the learned exponents k_phi and an image of them per position (rows x L) for
+        a few validation rows: where the model puts its generation priority."""
+        from kernels.scheduler import lomdm_schedule
+
+        x = next(iter(self.data.eval_batches(max_batches=1)), None)
+        if x is None or x.shape[0] == 0:
+            return
+        x = x[:rows].to(self.device)
+        valid = (x != self.data.pad_id) if self.data.pad_id is not None else torch.ones_like(x, dtype=torch.bool)
+        backbone = self.model.backbone
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._autocast():
+                c = backbone.conditioning(x.shape[0], torch.zeros(x.shape[0], device=self.device)
+                                          if backbone.time_conditioning else None)
+                g = self.model.phi(backbone.features(x, c), c).float()
+            t = torch.full((x.shape[0],), 0.5, device=self.device)
+            k = lomdm_schedule(g, t, valid, self.cfg.diffusion.c1, self.cfg.diffusion.c2,
+                               k_min=self.cfg.diffusion.k_min).k
+        finally:
+            self.model.train(was_training)
+        self.metrics.histogram("k_phi", k[valid], self.step)
+        d = self.cfg.diffusion
+        self.metrics.image("k_phi_per_position", (k - (d.c1 - d.c2)) / (2 * d.c2 if d.c2 > 0 else 1.0), self.step)
 
     def _write_samples(self) -> None:
         from ..diffusion.sampler import sample

@@ -3,10 +3,9 @@ evaluate, train one more step. The test compares each number with one process.""
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 
-from common import BATCH, PAD_ID, SEED, batches, eval_batches, make_config, make_model
+from parallel_common import BATCH, PAD_ID, SEED, batches, eval_batches, make_config, make_model
 from lomdm_dist.diffusion.schedulers import build_scheduler
 from lomdm_dist.parallel import (ParallelConfig, build_mesh, clip_grad_norm_, dp_rank, dp_size, forward_backward,
                                  local_rows, parallelize_model)

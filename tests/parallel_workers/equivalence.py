@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from common import BATCH, SEED, STEPS, batches, full, make_config, make_model, reference_run
+from parallel_common import BATCH, SEED, STEPS, batches, full, make_config, make_model, reference_run
 from lomdm_dist.diffusion.schedulers import build_scheduler
 from lomdm_dist.parallel import (ParallelConfig, build_mesh, clip_grad_norm_, forward_backward, global_loss_values,
-                                 local_rows, parallelize_model)
+                                 local_rows, parallelize_model, seed_dropout)
 from lomdm_dist.train.ema import EMA
 from lomdm_dist.train.optimizer import build_optimizer, set_learning_rate
 
@@ -71,3 +71,22 @@ def run_layout(name: str, world_size: int) -> dict:
     record["ema"] = {n: full(v) for n, v in ema.shadow.items()}
     record["params"] = {n: full(p) for n, p in pm.named_parameters()}
     return {"reference": reference, "parallel": record}
+
+
+def run_dropout(layout: str, world_size: int) -> dict:
+    """One step with dropout 0.1 after ``seed_dropout``: the loss each rank computes (replicated
+    over the tensor-parallel group) and the gradient of a replicated norm weight."""
+    par = LAYOUTS[layout]
+    cfg = make_config("mdlm")
+    cfg.model.dropout = 0.1
+    model = make_model(cfg)
+    mesh = build_mesh(cfg, world_size, parallel=par)
+    pm = parallelize_model(model, mesh, par)
+    seed = seed_dropout(SEED, mesh, par.sequence_parallel)
+    x, valid = batches(1)[0]
+    rows = local_rows(mesh, BATCH)
+    out = forward_backward(pm, build_scheduler(cfg.diffusion), x[rows], cfg=cfg.diffusion, seed=SEED, step=0,
+                           rows=rows, global_batch=BATCH, valid=valid[rows])
+    grad = dict(pm.named_parameters())["backbone.blocks.1.norm2.weight"].grad
+    return {"seed": seed, "loss": out.loss.item(), "norm_grad": full(grad),
+            "reference": cached_reference("mdlm", 1)["losses"][0]}

@@ -2,6 +2,7 @@
 
 usage: worker.py OUT_DIR TASK [TASK ...]
   layout=NAME                      equivalence of a layout with one process (see equivalence.LAYOUTS)
+  dropout=LAYOUT                   one step with dropout on (see equivalence.run_dropout)
   checkpoint=IN_CKPT,RUN_DIR       DCP resharding (see checkpointing.run_checkpoint)
 One spawn serves many tasks: starting the processes costs more than a toy step.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
-from common import finish, init
+from parallel_common import finish, init
 
 
 def main() -> None:
@@ -24,6 +25,9 @@ def main() -> None:
         if kind == "layout":
             from equivalence import run_layout
             results[arg] = run_layout(arg, world_size)
+        elif kind == "dropout":
+            from equivalence import run_dropout
+            results[f"dropout-{arg}"] = run_dropout(arg, world_size)
         elif kind == "checkpoint":
             from checkpointing import run_checkpoint
             source, run_dir = arg.split(",")

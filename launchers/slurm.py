@@ -1,0 +1,23 @@
+"""Submit training to Slurm: ``python launchers/slurm.py [--nodes N] [--gpus-per-node 8] [--partition P]
+[--account A] [--qos Q] [--time MIN] [--constraint C] [--exclusive] [--job-name NAME] [--dry-run]
+[--local] CONFIG [key.sub=value ...]``.
+
+One task per GPU through ``submitit``; the job saves and requeues itself on time-out or preemption
+and resumes from the newest complete checkpoint in ``run.dir``. ``--dry-run`` prints the resolved
+job as JSON (executor parameters, world size, commands, environment, parallel layout) and submits
+nothing. The logic lives in ``lomdm_dist.launch``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lomdm_dist.launch.submit import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
