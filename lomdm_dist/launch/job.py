@@ -128,7 +128,6 @@ class TrainingJob(Checkpointable):
             f"{self.max_requeues}): {' '.join(self.command)}")
         preempt = preemption_signal()
         submitit_handler = signal.getsignal(preempt)
-        preempt = signal.SIGHUP  # MUTATION
         exit_ = run_supervised(self.command, cwd=self.workdir, env=env, watch=[preempt],
                                stop_timeout_s=self.stop_timeout_s, log=log)
         return self._after_exit(exit_, rank=rank, submitit_handler=submitit_handler, log=log,
