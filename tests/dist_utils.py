@@ -1,4 +1,5 @@
-"""Launch multi-process gloo workers for the distributed-engine tests and read their results.
+"""Launch multi-process gloo workers for the distributed-engine tests and read their results; the
+tiny trainer config the multi-process trainer and launcher tests share (``tiny_overrides``).
 
 Workers are scripts under ``tests/parallel_workers/`` started with the torchrun environment
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Each rank writes its results to
@@ -61,3 +62,19 @@ def run_workers(script: str, nproc: int, out_dir: Path, *args: str, timeout: flo
             raise AssertionError(f"rank {rank} wrote no result file {path}\n{logs}")
         results.append(torch.load(path, weights_only=False))
     return results
+
+
+def tiny_overrides(run_dir: Path, cache: str, **extra) -> list[str]:
+    """Overrides of ``configs/smoke.yaml`` for a trainer run of a few seconds on the bundled corpus:
+    2 x 32 model with 2 heads (tp=2 divides it), dropout 0, global batch 4 of 32 tokens, six steps,
+    evaluation (with samples) and a checkpoint every three."""
+    values = {
+        "run.dir": str(run_dir), "data.cache_dir": cache, "data.seq_len": 32, "data.batch_size": 4,
+        "data.eval_batch_size": 8, "data.val_docs": 4, "model.n_layers": 2, "model.d_model": 32,
+        "model.n_heads": 2, "model.cond_dim": 32, "model.dropout": 0.0, "optim.warmup_steps": 2,
+        "optim.lr": 0.001, "train.max_steps": 6, "train.log_every": 1, "train.eval_every": 3,
+        "train.ckpt_every": 3, "train.progress": False, "train.threads": 1, "train.ema_decay": 0.9,
+        "eval.max_batches": 2, "sample.num": 1, "sample.steps": 4, "sample.every_eval": True,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

@@ -14,13 +14,28 @@ score-function gradient, estimated with RLOO over K masks that share t (K = 2 in
 The three passes: backbone on clean x without grad (features for phi), then one batched pass over
 the K masked copies (logits for theta, features for psi). Logits are computed only at masked
 positions: unmasked positions carry zero loss under SUBS, so their vocabulary projection is skipped.
+
+The step is written as the pieces a distributed step needs, and ``diffusion_loss`` chains them.
+Pipeline parallelism has to stop between the passes (the masks depend on the last stage's phi
+head, and each masked microbatch's loss is computed at the last stage), and tensor parallelism
+computes the per-token loss on vocabulary slices (``token_loss``); ``lomdm_dist.parallel`` calls
+the same pieces, so every layout runs one implementation of the formulas:
+
+1. :func:`step_randomness`: t and the mask uniforms, pure functions of (seed, step, global row);
+2. :func:`clean_features` and :func:`draw_exponents`: pass 1 and the exponents k_phi (lomdm);
+3. :func:`draw_masks` and :func:`masked_copies`: the K masked copies of each row, copy-major;
+4. :func:`masked_pass_loss`: from the backbone features of the masked copies, the per-row NELBO
+   terms and the RLOO surrogate (the phi head applied, with grad, to detached clean features);
+5. :func:`assemble_loss`: sums over row sets (microbatches) into one :class:`LossOutput`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import torch
+from torch import Tensor
 
 from kernels.scheduler import lomdm_schedule
 from kernels.velocity_loss import velocity_loss
@@ -46,6 +61,14 @@ class LossOutput:
     """Detached diagnostics: exponent statistics, masked fraction, mean t."""
 
 
+class TokenLoss(Protocol):
+    """Per-token ``(l_main, l_velocity)`` from logits: ``kernels.velocity_loss.velocity_loss`` on one
+    device, its vocab-parallel form under tensor parallelism."""
+
+    def __call__(self, logits: Tensor, targets: Tensor, A: Tensor, A_hat: Tensor, *,
+                 mask_token_id: int) -> tuple[Tensor, Tensor]: ...
+
+
 def rloo_term(F: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """(1/K) sum_r sg(F_r - mean_{j != r} F_j) log q_r, per row. F, log_q: (K, B)."""
     K = F.shape[0]
@@ -54,60 +77,105 @@ def rloo_term(F: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return ((F - baseline) * log_q).mean(0)
 
 
-def diffusion_loss(model, scheduler: Scheduler, x: torch.Tensor, *, cfg: DiffusionConfig, seed: int, step: int,
-                   rows: torch.Tensor, global_batch: int, valid: torch.Tensor | None = None,
-                   num_masks: int | None = None, normalizer: float | torch.Tensor | None = None,
-                   time_stream: int = randomness.STREAM_TIME,
-                   mask_stream: int = randomness.STREAM_MASK) -> LossOutput:
-    """One NELBO estimate for the rows ``x`` (B, L) of the global batch at ``step``.
+def step_randomness(*, seed: int, step: int, rows: Tensor, global_batch: int, seq_len: int, num_masks: int,
+                    cfg: DiffusionConfig, time_stream: int = randomness.STREAM_TIME,
+                    mask_stream: int = randomness.STREAM_MASK) -> tuple[Tensor, Tensor]:
+    """(t64 (B,) float64, uniforms (K, B, L) float64) for the global ``rows``."""
+    t64 = randomness.diffusion_times(seed, step, rows, global_batch, t_eps=cfg.t_eps, antithetic=cfg.antithetic,
+                                     stream=time_stream)
+    uniforms = torch.stack([randomness.uniform(seed, step, mask_stream + r, rows, seq_len)
+                            for r in range(num_masks)])
+    return t64, uniforms
 
-    ``rows`` holds the global index of each local row: t and the masks are functions of
-    (seed, step, row), so the result for a row does not depend on how the batch is split.
-    ``normalizer`` defaults to the local number of valid tokens; the distributed trainer passes the
-    global count so that summed gradients equal the single-process ones.
+
+def draw_masks(scheduler: Scheduler, t64: Tensor, uniforms: Tensor, valid: Tensor,
+               k_draw: Tensor | None = None) -> Tensor:
+    """(K, B, L) bool masks: position masked when its uniform is below P(masked at t).
+
+    For the learned scheduler ``k_draw`` holds the exponents k_phi (B, L) of pass 1.
+    """
+    if scheduler.learned:
+        if k_draw is None:
+            raise ValueError("draw_masks: the lomdm scheduler needs the exponents k_phi of the clean pass")
+        p_masked = torch.exp(k_draw.double() * torch.log(t64)[:, None])
+    else:
+        p_masked = torch.exp(scheduler.schedule(t64, valid.shape[1]).log_masked)
+    return (uniforms < p_masked) & valid
+
+
+def masked_copies(x: Tensor, masks: Tensor, mask_token_id: int) -> Tensor:
+    """(K * B, L) tokens: copy r of row b at index r * B + b, masked positions set to the mask id."""
+    K, B, L = masks.shape
+    return torch.where(masks, torch.full_like(x, mask_token_id), x.unsqueeze(0)).reshape(K * B, L)
+
+
+def conditioning_sigma(backbone, t: Tensor) -> Tensor:
+    """The sigma the backbone is conditioned on: t with time conditioning, zeros otherwise
+    (``conditioning`` ignores it then; a tensor is still passed so pipeline inputs keep one shape)."""
+    return t if backbone.time_conditioning else torch.zeros_like(t)
+
+
+def clean_features(model, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Pass 1: (h_clean without grad, c_clean) of the clean rows."""
+    backbone = model.backbone
+    c_clean = backbone.conditioning(x.shape[0], conditioning_sigma(backbone, torch.zeros_like(t)))
+    with torch.no_grad():
+        h_clean = backbone.features(x, c_clean)
+    return h_clean, c_clean
+
+
+def draw_exponents(g_phi: Tensor, t: Tensor, valid: Tensor, cfg: DiffusionConfig) -> Tensor:
+    """k_phi (B, L) without grad from the phi head's output: the exponents the masks are drawn with."""
+    with torch.no_grad():
+        return lomdm_schedule(g_phi.detach(), t, valid, cfg.c1, cfg.c2, k_min=cfg.k_min).k
+
+
+@dataclass
+class PassLoss:
+    """Loss terms of a set of rows (a whole local batch or one pipeline microbatch)."""
+
+    surrogate: Tensor
+    """(B,) surrogate per row (differentiable)."""
+    F_main: Tensor
+    """(K, B) detached sums of l_main per masked copy."""
+    F_vel: Tensor
+    """(K, B) detached sums of l_velocity per masked copy."""
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    """Detached sums and counts the step statistics are made of (added across microbatches)."""
+
+
+def masked_pass_loss(model, scheduler: Scheduler, *, h: Tensor, c: Tensor, x: Tensor, valid: Tensor,
+                     masks: Tensor, t64: Tensor, cfg: DiffusionConfig, g_phi: Tensor | None = None,
+                     h_clean: Tensor | None = None, c_clean: Tensor | None = None,
+                     token_loss: TokenLoss = velocity_loss) -> PassLoss:
+    """NELBO terms and RLOO surrogate of rows ``x`` (B, L) from the features ``h`` (K*B, L, d) of
+    their masked copies (conditioning ``c`` (K*B, cond_dim)).
+
+    For the learned scheduler ``g_phi`` (B, L) is the phi head's output with grad; when it is not
+    given, the head is applied here to the stored clean features ``h_clean`` (B, L, d) (detached
+    inside the head) and ``c_clean``. Its exponents equal the ones the masks were drawn with
+    because the head has no dropout.
     """
     backbone = model.backbone
-    B, L = x.shape
-    device = x.device
-    if valid is None:
-        valid = torch.ones_like(x, dtype=torch.bool)
-    K = num_masks or cfg.resolved_masks_per_row()
-    tokens = valid.sum().to(torch.float32)
-    if normalizer is None:
-        normalizer = tokens.clamp(min=1.0)
-
-    t64 = randomness.diffusion_times(seed, step, rows.to(device), global_batch, t_eps=cfg.t_eps,
-                                     antithetic=cfg.antithetic, stream=time_stream)
+    K, B, L = masks.shape
     t = t64.to(torch.float32)
-    time_sigma = (lambda tt: tt) if backbone.time_conditioning else (lambda tt: None)
-    uniforms = torch.stack([randomness.uniform(seed, step, mask_stream + r, rows.to(device), L) for r in range(K)])
-
+    sums: dict[str, Tensor] = {}
     log_q = None
-    stats: dict[str, torch.Tensor] = {}
     if scheduler.learned:
-        # Pass 1: clean features for the forward scheduler (no gradient to the backbone).
-        c_clean = backbone.conditioning(B, time_sigma(torch.zeros_like(t)))
-        with torch.no_grad():
-            h_clean = backbone.features(x, c_clean)
-        g_phi = model.phi(h_clean, c_clean).float()
-        with torch.no_grad():
-            k_draw = lomdm_schedule(g_phi, t, valid, cfg.c1, cfg.c2, k_min=cfg.k_min).k
-            p_masked = torch.exp(k_draw.double() * torch.log(t64)[:, None])
-        masks = (uniforms < p_masked) & valid
+        if g_phi is None:
+            if h_clean is None or c_clean is None:
+                raise ValueError("masked_pass_loss: the lomdm scheduler needs g_phi or the clean features "
+                                 "h_clean and c_clean")
+            g_phi = model.phi(h_clean, c_clean).float()
         sched = lomdm_schedule(g_phi, t, valid, cfg.c1, cfg.c2, masks=masks, k_min=cfg.k_min)
         velocity, log_q = sched.velocity, sched.log_q
-        stats["k_phi_mean"] = sched.k[valid].mean().detach()
-        stats["k_phi_std"] = sched.k[valid].std().detach() if valid.sum() > 1 else torch.zeros((), device=device)
+        k_valid = sched.k[valid].detach().double()
+        sums.update(k_phi_sum=k_valid.sum(), k_phi_sqsum=(k_valid ** 2).sum(),
+                    k_phi_count=torch.tensor(float(k_valid.numel()), dtype=torch.float64, device=x.device))
     else:
-        sched = scheduler.schedule(t64, L)
-        masks = (uniforms < torch.exp(sched.log_masked)) & valid
-        velocity = sched.velocity.to(torch.float32)
+        velocity = scheduler.schedule(t64, L).velocity.to(torch.float32)
 
-    # Passes 2..K+1: the K masked copies in one batch.
-    z = torch.where(masks, torch.full_like(x, model.mask_token_id), x.unsqueeze(0)).reshape(K * B, L)
     t_rep = t.repeat(K)
-    c = backbone.conditioning(K * B, time_sigma(t_rep))
-    h = backbone.features(z, c)
     sel = masks.reshape(K * B, L)
     row_of_token = sel.nonzero(as_tuple=True)[0]
     logits = backbone.output_logits(h[sel], c[row_of_token])
@@ -117,26 +185,104 @@ def diffusion_loss(model, scheduler: Scheduler, x: torch.Tensor, *, cfg: Diffusi
         valid_rep = valid.repeat(K, 1)
         k_hat = lomdm_schedule(model.psi(h, c).float(), t_rep, valid_rep, cfg.c1, cfg.c2, k_min=cfg.k_min).k
         A_hat = (k_hat / t_rep[:, None])[sel]
-        stats["k_hat_mean"] = k_hat[valid_rep].mean().detach()
+        k_hat_valid = k_hat[valid_rep].detach().double()
+        sums.update(k_hat_sum=k_hat_valid.sum(),
+                    k_hat_count=torch.tensor(float(k_hat_valid.numel()), dtype=torch.float64, device=x.device))
     else:
         A_hat = A
-    l_main, l_vel = velocity_loss(logits, targets, A.float(), A_hat.float(), mask_token_id=model.mask_token_id)
+    l_main, l_vel = token_loss(logits, targets, A.float(), A_hat.float(), mask_token_id=model.mask_token_id)
 
-    F_main = torch.zeros(K * B, device=device, dtype=torch.float32).index_add(0, row_of_token, l_main).view(K, B)
-    F_vel = torch.zeros(K * B, device=device, dtype=torch.float32).index_add(0, row_of_token, l_vel).view(K, B)
+    zeros = torch.zeros(K * B, device=x.device, dtype=torch.float32)
+    F_main = zeros.index_add(0, row_of_token, l_main).view(K, B)
+    F_vel = zeros.index_add(0, row_of_token, l_vel).view(K, B)
     F = F_main + F_vel
     surrogate = F.mean(0)
     if log_q is not None and K > 1:
         surrogate = surrogate + rloo_term(F, log_q)
+    sums.update(masked=masks.sum().double(), valid_copies=(valid.sum() * K).double(), t_sum=t.sum().double(),
+                rows=torch.tensor(float(B), dtype=torch.float64, device=x.device))
+    return PassLoss(surrogate=surrogate, F_main=F_main.detach(), F_vel=F_vel.detach(), sums=sums)
 
-    stats["masked_fraction"] = (masks.sum() / (valid.sum() * K).clamp(min=1)).detach().float()
-    stats["t_mean"] = t.mean().detach()
-    return LossOutput(
-        loss=surrogate.sum() / normalizer,
-        nelbo=(F.detach().mean(0).sum() / normalizer),
-        l_main=(F_main.detach().mean(0).sum() / normalizer),
-        l_velocity=(F_vel.detach().mean(0).sum() / normalizer),
-        row_nelbo=F.detach().double().mean(0),
-        tokens=tokens,
-        stats=stats,
-    )
+
+def _statistics(sums: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Step statistics from the sums over all row sets: mean and (unbiased) std of k_phi over valid
+    positions, mean k_hat, masked fraction, mean t."""
+    stats: dict[str, Tensor] = {}
+    if "k_phi_sum" in sums:
+        n = sums["k_phi_count"]
+        mean = sums["k_phi_sum"] / n.clamp(min=1)
+        var = (sums["k_phi_sqsum"] - n * mean ** 2) / (n - 1).clamp(min=1)
+        stats["k_phi_mean"] = mean.float()
+        stats["k_phi_std"] = var.clamp(min=0).sqrt().float()
+    if "k_hat_sum" in sums:
+        stats["k_hat_mean"] = (sums["k_hat_sum"] / sums["k_hat_count"].clamp(min=1)).float()
+    stats["masked_fraction"] = (sums["masked"] / sums["valid_copies"].clamp(min=1)).float()
+    stats["t_mean"] = (sums["t_sum"] / sums["rows"]).float()
+    return stats
+
+
+def assemble_loss(parts: list[PassLoss], *, normalizer: Tensor | float, tokens: Tensor,
+                  loss: Tensor | None = None, reduce_sums: Callable[[Tensor], Tensor] | None = None) -> LossOutput:
+    """One ``LossOutput`` from the loss terms of consecutive row sets (microbatches, in row order).
+
+    ``loss`` overrides the differentiable sum (a pipeline schedule has already back-propagated the
+    per-microbatch losses; it passes their detached sum). ``reduce_sums`` sums the statistics'
+    numerators and counts over data-parallel ranks, so ``stats`` describe the global batch.
+    """
+    F_main = torch.cat([p.F_main for p in parts], dim=1)
+    F_vel = torch.cat([p.F_vel for p in parts], dim=1)
+    F = F_main + F_vel
+    if loss is None:
+        loss = sum(p.surrogate.sum() for p in parts) / normalizer
+    sums: dict[str, Tensor] = {}
+    for p in parts:
+        for key, value in p.sums.items():
+            sums[key] = sums[key] + value if key in sums else value
+    if reduce_sums is not None:
+        keys = sorted(sums)
+        reduced = reduce_sums(torch.stack([sums[k].double().reshape(()) for k in keys]))
+        sums = {k: reduced[i] for i, k in enumerate(keys)}
+    return LossOutput(loss=loss, nelbo=F.mean(0).sum() / normalizer, l_main=F_main.mean(0).sum() / normalizer,
+                      l_velocity=F_vel.mean(0).sum() / normalizer, row_nelbo=F.double().mean(0), tokens=tokens,
+                      stats=_statistics(sums))
+
+
+def diffusion_loss(model, scheduler: Scheduler, x: torch.Tensor, *, cfg: DiffusionConfig, seed: int, step: int,
+                   rows: torch.Tensor, global_batch: int, valid: torch.Tensor | None = None,
+                   num_masks: int | None = None, normalizer: float | torch.Tensor | None = None,
+                   time_stream: int = randomness.STREAM_TIME, mask_stream: int = randomness.STREAM_MASK,
+                   token_loss: TokenLoss = velocity_loss,
+                   reduce_sums: Callable[[Tensor], Tensor] | None = None) -> LossOutput:
+    """One NELBO estimate for the rows ``x`` (B, L) of the global batch at ``step``.
+
+    ``rows`` holds the global index of each local row: t and the masks are functions of
+    (seed, step, row), so the result for a row does not depend on how the batch is split.
+    ``normalizer`` defaults to the local number of valid tokens; the distributed trainer passes the
+    global count so that summed gradients equal the single-process ones. ``token_loss`` and
+    ``reduce_sums`` are the tensor- and data-parallel hooks (see the module docstring).
+    """
+    backbone = model.backbone
+    B, L = x.shape
+    if valid is None:
+        valid = torch.ones_like(x, dtype=torch.bool)
+    K = num_masks or cfg.resolved_masks_per_row()
+    tokens = valid.sum().to(torch.float32)
+    if normalizer is None:
+        normalizer = tokens.clamp(min=1.0)
+    t64, uniforms = step_randomness(seed=seed, step=step, rows=rows.to(x.device), global_batch=global_batch,
+                                    seq_len=L, num_masks=K, cfg=cfg, time_stream=time_stream, mask_stream=mask_stream)
+    t = t64.to(torch.float32)
+    g_phi = k_draw = None
+    if scheduler.learned:
+        # Pass 1: clean features for the forward scheduler (no gradient to the backbone).
+        h_clean, c_clean = clean_features(model, x, t)
+        g_phi = model.phi(h_clean, c_clean).float()
+        k_draw = draw_exponents(g_phi, t, valid, cfg)
+    masks = draw_masks(scheduler, t64, uniforms, valid, k_draw)
+    # Passes 2..K+1: the K masked copies in one batch.
+    z = masked_copies(x, masks, model.mask_token_id)
+    c = backbone.conditioning(K * B, conditioning_sigma(backbone, t.repeat(K)))
+    h = backbone.features(z, c)
+    part = masked_pass_loss(model, scheduler, h=h, c=c, x=x, valid=valid, masks=masks, t64=t64, cfg=cfg,
+                            g_phi=g_phi, token_loss=token_loss)
+    return assemble_loss([part], normalizer=normalizer, tokens=tokens, reduce_sums=reduce_sums)

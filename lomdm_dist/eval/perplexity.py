@@ -1,16 +1,23 @@
-"""Validation NELBO and perplexity, MDLM's ``ppl_eval`` protocol.
+"""Validation NELBO and perplexity, MDLM's ``ppl_eval`` protocol, for one process or any layout.
 
 One pass over the split; for each row ``t_samples`` diffusion times (antithetic across the batch)
 and one mask each; L_main and L_velocity both counted (the bound needs both); sums in float64;
 perplexity = exp(NELBO per token). The draws come from the eval streams of the counter-based RNG,
-so every evaluation of a run sees the same t and masks and its numbers are comparable over time.
+keyed by each row's index in the split, so every evaluation of a run sees the same t and masks,
+its numbers are comparable over time, and they do not depend on how the rows are spread over
+processes.
+
+The loop is written once. A distributed evaluation (``lomdm_dist.parallel.evaluate``) passes the
+same *global* batches on every rank and a :class:`BatchSplit` that picks the rank's rows and sums
+the totals over data-parallel ranks, and a ``loss_fn`` that runs its layout's step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 from tqdm import tqdm
@@ -21,38 +28,70 @@ from ..diffusion.objective import diffusion_loss
 from ..diffusion.schedulers import Scheduler
 
 
+@dataclass(frozen=True)
+class BatchSplit:
+    """How a global validation batch is spread over processes."""
+
+    rows: Callable[[int], torch.Tensor]
+    """Padded global batch size -> this rank's row indices into it."""
+    multiple: int
+    """Global batches are padded (with invalid rows) to a multiple of this (data-parallel size x
+    pipeline microbatches), so a ragged last batch splits evenly."""
+    reduce: Callable[[torch.Tensor], torch.Tensor]
+    """Sums a tensor of totals over the ranks that hold different rows."""
+
+
+ONE_PROCESS = BatchSplit(rows=lambda n: torch.arange(n), multiple=1, reduce=lambda totals: totals)
+
+
+def _padded(x: torch.Tensor, valid: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    extra = -x.shape[0] % multiple
+    if not extra:
+        return x, valid
+    return (torch.cat([x, x.new_zeros(extra, x.shape[1])]),
+            torch.cat([valid, valid.new_zeros(extra, valid.shape[1])]))
+
+
 @torch.no_grad()
 def validation_nelbo(model, scheduler: Scheduler, batches: Iterable[torch.Tensor], *, cfg: DiffusionConfig,
                      seed: int, device: torch.device | str = "cpu", pad_id: int | None = None, t_samples: int = 1,
                      autocast_dtype: torch.dtype | None = None, progress: bool = False,
-                     first_row: int = 0) -> dict[str, float]:
-    """Returns ``val_nelbo`` (nats per token), ``val_ppl``, ``val_tokens`` and the two parts."""
+                     first_row: int = 0, loss_fn: Callable = diffusion_loss,
+                     split: BatchSplit = ONE_PROCESS) -> dict[str, float]:
+    """Returns ``val_nelbo`` (nats per token), ``val_ppl``, ``val_tokens`` and the two parts.
+
+    ``loss_fn`` has ``diffusion_loss``'s signature and is called with ``model`` (a plain model, or a
+    ``ParallelModel`` with ``lomdm_dist.parallel.evaluation_loss``); ``batches`` are global batches.
+    """
     was_training = model.training
     model.eval()
-    total = {"nelbo": 0.0, "l_main": 0.0, "l_velocity": 0.0, "tokens": 0.0}
-    row = first_row
     device = torch.device(device)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)   # nelbo, l_main, l_velocity, tokens
+    first = first_row
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     try:
-        for x in tqdm(batches, desc="eval", disable=not progress, leave=False):
-            x = x.to(device)
-            valid = (x != pad_id) if pad_id is not None else None
-            rows = torch.arange(row, row + x.shape[0], device=device)
+        for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
+            batch = batch.to(device)
+            size = batch.shape[0]
+            valid = (batch != pad_id) if pad_id is not None else torch.ones_like(batch, dtype=torch.bool)
+            batch, valid = _padded(batch, valid, split.multiple)
+            rows = split.rows(batch.shape[0]).to(device)
+            x, valid = batch[rows], valid[rows]
             for sample_index in range(t_samples):
                 with autocast:
-                    out = diffusion_loss(model, scheduler, x, cfg=cfg, seed=seed, step=sample_index, rows=rows,
-                                         global_batch=x.shape[0], valid=valid, num_masks=1, normalizer=1.0,
-                                         time_stream=randomness.STREAM_EVAL_TIME,
-                                         mask_stream=randomness.STREAM_EVAL_MASK)
-                total["nelbo"] += out.row_nelbo.sum().item() / t_samples
-                total["l_main"] += out.l_main.double().item() / t_samples
-                total["l_velocity"] += out.l_velocity.double().item() / t_samples
-            total["tokens"] += out.tokens.item()
-            row += x.shape[0]
+                    out = loss_fn(model, scheduler, x, cfg=cfg, seed=seed, step=sample_index, rows=rows + first,
+                                  global_batch=size, valid=valid, num_masks=1, normalizer=1.0,
+                                  time_stream=randomness.STREAM_EVAL_TIME, mask_stream=randomness.STREAM_EVAL_MASK)
+                totals[0] += out.row_nelbo.sum() / t_samples
+                totals[1] += out.l_main.double() / t_samples
+                totals[2] += out.l_velocity.double() / t_samples
+            totals[3] += valid.sum()
+            first += size
     finally:
         model.train(was_training)
-    tokens = max(total["tokens"], 1.0)
-    nelbo = total["nelbo"] / tokens
-    return {"val_nelbo": nelbo, "val_ppl": math.exp(min(nelbo, 700.0)), "val_tokens": total["tokens"],
-            "val_l_main": total["l_main"] / tokens, "val_l_velocity": total["l_velocity"] / tokens}
+    totals = split.reduce(totals)
+    tokens = max(totals[3].item(), 1.0)
+    nelbo = totals[0].item() / tokens
+    return {"val_nelbo": nelbo, "val_ppl": math.exp(min(nelbo, 700.0)), "val_tokens": totals[3].item(),
+            "val_l_main": totals[1].item() / tokens, "val_l_velocity": totals[2].item() / tokens}

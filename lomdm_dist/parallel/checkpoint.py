@@ -1,19 +1,20 @@
-"""Sharded, reshardable checkpoints through Distributed Checkpoint (DCP).
+"""Sharded, reshardable checkpoints through Distributed Checkpoint (DCP): one format for every layout.
 
-Every rank writes its own shards of the model, the EMA and the optimizer state into one
-directory; DCP's metadata records which global slice each shard is, so the checkpoint loads into
-any other layout (TP/PP/FSDP sizes, or one process without a process group): the target model's
-own DTensors say which slices each rank reads. Keys are parameter names (``model.<name>``,
+Every rank writes its own shards of the model, the EMA and the optimizer state into ``state/``;
+DCP's metadata records which global slice each shard is, so the checkpoint loads into any other
+layout (TP/PP/FSDP sizes, or one process without a process group): the target model's own
+DTensors say which slices each rank reads. Keys are parameter names (``model.<name>``,
 ``ema.<name>``, the optimizer flattened per parameter name), never positions.
 
-Completion protocol, shared with ``lomdm_dist.train.checkpoint`` (same directory names, marker
-and hash check, so ``latest_checkpoint`` and ``verify_checkpoint`` work on both kinds):
+Directory, marker and atomic rename are the protocol of ``lomdm_dist.train.checkpoint``:
 
-1. every rank writes into ``checkpoints/.tmp-step-XXXXXXXX``; each data-parallel group's first
-   rank adds the data-loader state of its slice (``data/dp<i>-of-<n>.pt``);
-2. after a barrier rank 0 writes ``config.yaml`` and ``meta.json`` (step, layout, world size),
-   hashes every file into the ``COMPLETE`` marker, renames the directory to ``step-XXXXXXXX``
-   and prunes old checkpoints; a final barrier lets no rank run ahead of the rename.
+1. rank 0 makes ``checkpoints/.tmp-step-XXXXXXXX-<token>`` and shares its path; every rank writes
+   its DCP shards and its RNG state (``ranks/rank<r>-of-<world>.pt``); each data-parallel slice's
+   first rank adds the slice's data-loader state (``data/dp<i>-of-<n>.pt``);
+2. after a barrier rank 0 writes ``trainer.pt``, ``config.yaml``, ``meta.json`` (step, layout) and
+   the consolidated ``model.safetensors`` / ``ema.safetensors`` (read back from the shards, so the
+   layout does not matter), then hashes everything into the ``COMPLETE`` marker, renames and
+   prunes; a final barrier lets no rank run ahead of the rename.
 
 ``async_save`` (worth it on GPU) returns a :class:`PendingCheckpoint` whose ``finish()`` waits for
 the background write and then runs step 2; until then the directory is not complete.
@@ -24,8 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import time
 import warnings
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
@@ -35,17 +34,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
+from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from ..train.checkpoint import (MARKER, CheckpointError, _fsync_dir, _fsync_file, _sha256, checkpoint_root,
-                                complete_checkpoints, resolve_checkpoint, step_dir_name)
+from ..train.checkpoint import (EMA_WEIGHTS_FILE, WEIGHTS_FILE, CheckpointError, begin_checkpoint,
+                                complete_checkpoint, read_meta, resolve_checkpoint, verify_checkpoint)
 
 _OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 DCP_FORMAT = "dcp"
+STATE_DIR = "state"
 
 
 def _distributed() -> bool:
@@ -56,17 +59,29 @@ def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
 
 
+def _from_rank0(value: Any) -> Any:
+    """``value`` as rank 0 has it, on every rank (a small picklable object)."""
+    if not _distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @contextlib.contextmanager
 def _single_process_quiet():
-    """DCP warns that it assumes one process when no group exists; here that is the intent."""
+    """DCP warns that it assumes one process when it is told not to communicate; here that is the intent."""
     with warnings.catch_warnings():
-        if not _distributed():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
 
 
@@ -92,98 +107,133 @@ class CheckpointLayout:
     dp_shard: int = 1
 
 
+def full_tensors(state_dir: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Every tensor saved under ``prefix`` (``model`` or ``ema``) as a full CPU tensor, whatever the
+    layout that wrote the shards (one process, no collectives)."""
+    reader = FileSystemReader(str(state_dir))
+    metadata = reader.read_metadata().state_dict_metadata
+    start = prefix + "."
+    template = {key[len(start):]: torch.empty(item.size, dtype=item.properties.dtype)
+                for key, item in metadata.items()
+                if key.startswith(start) and isinstance(item, TensorStorageMetadata)}
+    if template:
+        with _single_process_quiet():
+            dcp.load({prefix: template}, storage_reader=reader, no_dist=True)
+    return template
+
+
+def _export_weights(tmp: Path) -> None:
+    """The consolidated ``model.safetensors`` (and ``ema.safetensors``) of the shards in ``tmp``."""
+    for prefix, name in (("model", WEIGHTS_FILE), ("ema", EMA_WEIGHTS_FILE)):
+        tensors = full_tensors(tmp / STATE_DIR, prefix)
+        if tensors:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
+
+
+@dataclass
+class _Completion:
+    """What rank 0 writes once every rank's shards are on disk (step 2 of the module docstring)."""
+
+    tmp: Path
+    step: int
+    trainer_state: dict | None
+    config_yaml: str
+    meta: dict
+    keep: int
+
+    def run(self) -> Path:
+        _barrier()
+        final = None
+        if _rank() == 0:
+            if self.trainer_state is not None:
+                torch.save(self.trainer_state, self.tmp / "trainer.pt")
+            (self.tmp / "config.yaml").write_text(self.config_yaml)
+            meta = {**self.meta, "step": self.step, "format": DCP_FORMAT}
+            (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            _export_weights(self.tmp)
+            final = complete_checkpoint(self.tmp, self.step, keep=self.keep)
+        final = _from_rank0(final)
+        _barrier()
+        return final
+
+
 @dataclass
 class PendingCheckpoint:
     """An asynchronous save in flight; ``finish()`` completes it (all ranks must call it)."""
 
     future: Future | None
-    tmp: Path
-    final: Path
-    root: Path
-    step: int
-    config_yaml: str
-    meta: dict
-    keep: int
+    completion: _Completion
 
     def finish(self) -> Path:
         if self.future is not None:
             self.future.result()
-        return _complete(self.tmp, self.final, self.root, self.step, self.config_yaml, self.meta, self.keep)
-
-
-def _complete(tmp: Path, final: Path, root: Path, step: int, config_yaml: str, meta: dict, keep: int) -> Path:
-    _barrier()
-    if _rank() == 0:
-        (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "format": DCP_FORMAT}, indent=1))
-        hashes = {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            _fsync_file(path)
-            hashes[str(path.relative_to(tmp))] = _sha256(path)
-        marker = tmp / MARKER
-        marker.write_text(json.dumps({"step": step, "time": time.time(), "sha256": hashes}, indent=1))
-        _fsync_file(marker)
-        if final.exists():
-            trash = root / f".tmp-old-{step_dir_name(step)}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
-        if keep > 0:
-            for _, old in complete_checkpoints(root.parent)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+        return self.completion.run()
 
 
 def save_distributed_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
                                 optimizer: torch.optim.Optimizer | None = None,
                                 ema_shadow: dict[str, torch.Tensor] | None = None, data_state: Any = None,
                                 dp_rank: int = 0, dp_size: int = 1, write_data_state: bool = True,
-                                trainer_state: dict | None = None, config_yaml: str = "", meta: dict | None = None,
+                                rank_state: dict | None = None, trainer_state: dict | None = None,
+                                config_yaml: str = "", meta: dict | None = None,
                                 layout: CheckpointLayout | None = None, keep: int = 3,
                                 async_save: bool = False) -> Path | PendingCheckpoint:
     """Write one checkpoint with every rank (collective); returns the final directory.
 
     ``data_state``: this rank's data-loader state, written once per data-parallel slice (by the
-    ranks with ``write_data_state`` True, i.e. tp rank 0 of pipeline stage 0). ``trainer_state``:
-    step, EMA update count, counters... (the same on every rank; rank 0 writes ``trainer.pt``).
+    ranks with ``write_data_state`` True, i.e. tp rank 0 of pipeline stage 0). ``rank_state``:
+    what only this rank knows (its RNG state). ``trainer_state``: step, EMA update count,
+    counters... (the same on every rank; rank 0 writes ``trainer.pt``).
     """
-    root = checkpoint_root(run_dir)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}"
-    if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        (tmp / "data").mkdir()
-    _barrier()
+    return write_checkpoint(run_dir, step, training_state(model, optimizer, ema_shadow), data_state=data_state,
+                            dp_rank=dp_rank, dp_size=dp_size, write_data_state=write_data_state,
+                            rank_state=rank_state, trainer_state=trainer_state, config_yaml=config_yaml, meta=meta,
+                            layout=layout, keep=keep, async_save=async_save)
+
+
+def write_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any], *, data_state: Any = None,
+                     dp_rank: int = 0, dp_size: int = 1, write_data_state: bool = True,
+                     rank_state: dict | None = None, trainer_state: dict | None = None, config_yaml: str = "",
+                     meta: dict | None = None, layout: CheckpointLayout | None = None, keep: int = 3,
+                     async_save: bool = False) -> Path | PendingCheckpoint:
+    """:func:`save_distributed_checkpoint` for a ready DCP state dict (``model``, optionally ``ema``
+    and ``optimizer``, each keyed by parameter name; plain tensors or DTensors)."""
+    tmp = _from_rank0(begin_checkpoint(run_dir, step, os.getpid()) if _rank() == 0 else None)
     if data_state is not None and write_data_state:
+        (tmp / "data").mkdir(exist_ok=True)
         torch.save(data_state, tmp / "data" / f"dp{dp_rank}-of-{dp_size}.pt")
-    if trainer_state is not None and _rank() == 0:
-        torch.save(trainer_state, tmp / "trainer.pt")
+    if rank_state is not None:
+        (tmp / "ranks").mkdir(exist_ok=True)
+        torch.save(rank_state, tmp / "ranks" / f"rank{_rank()}-of-{_world_size()}.pt")
     full_meta = dict(meta or {})
-    if layout is not None:
-        full_meta["layout"] = asdict(layout)
-    state = training_state(model, optimizer, ema_shadow)
-    writer = tmp / "state"
+    full_meta["layout"] = asdict(layout or CheckpointLayout(world_size=_world_size()))
+    completion = _Completion(tmp, step, trainer_state, config_yaml, full_meta, keep)
+    writer = tmp / STATE_DIR
     if async_save:
         with _single_process_quiet():
             future = dcp.async_save(state, checkpoint_id=str(writer), no_dist=not _distributed())
         if not isinstance(future, Future):  # AsyncSaveResponse in newer releases
             future = future.upload_completion
-        return PendingCheckpoint(future, tmp, final, root, step, config_yaml, full_meta, keep)
+        return PendingCheckpoint(future, completion)
     with _single_process_quiet():
         dcp.save(state, checkpoint_id=str(writer), no_dist=not _distributed())
-    return _complete(tmp, final, root, step, config_yaml, full_meta, keep)
+    return completion.run()
 
 
 def _first_error(failure: Any) -> str:
     """DCP records a failure as (exception, traceback summary); keep the exception's text."""
     exc = failure[0] if isinstance(failure, tuple) and failure else failure
     return f"{type(exc).__name__}: {exc}"
+
+
+def _per_index_files(folder: Path, stem: str) -> tuple[dict[int, Path], int | None]:
+    """``<stem><i>-of-<n>.pt`` files of ``folder`` by index, and their ``n``."""
+    files, size = {}, None
+    for file in sorted(folder.glob(f"{stem}*-of-*.pt")):
+        index, _, count = file.stem[len(stem):].partition("-of-")
+        files[int(index)] = file
+        size = int(count)
+    return files, size
 
 
 @dataclass
@@ -197,38 +247,48 @@ class LoadedCheckpoint:
     """This rank's data-loader state when the data-parallel size is unchanged, else None."""
     data_states: dict[int, Path]
     """Every saved slice's state file by dp index (for a loader that can reshard its position)."""
+    rank_state: dict | None
+    """This rank's own saved state (RNG) when the layout is unchanged, else None."""
+
+
+def _verify_on_rank0(ckpt: Path) -> None:
+    """Rank 0 re-hashes the files; every rank raises the same error if one is damaged."""
+    error = None
+    if _rank() == 0:
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as err:
+            error = str(err)
+    error = _from_rank0(error)
+    if error is not None:
+        raise CheckpointError(error)
 
 
 def load_distributed_checkpoint(path: str | os.PathLike, *, model: nn.Module,
                                 optimizer: torch.optim.Optimizer | None = None,
                                 ema_shadow: dict[str, torch.Tensor] | None = None, dp_rank: int = 0,
-                                dp_size: int = 1, verify: bool = True) -> LoadedCheckpoint:
+                                dp_size: int = 1, layout: CheckpointLayout | None = None,
+                                verify: bool = True) -> LoadedCheckpoint:
     """Load a checkpoint (or a run directory's latest) into this rank's model part, in place.
 
     Works in any layout and without a process group. ``ema_shadow`` tensors are filled in place.
+    ``layout``: this run's layout, to tell whether the saved per-rank states apply.
     """
-    from ..train.checkpoint import verify_checkpoint
-
     ckpt = resolve_checkpoint(path)
-    if verify and _rank() == 0:
-        verify_checkpoint(ckpt)
-    _barrier()
-    meta_path = ckpt / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {ckpt}: unreadable meta.json ({err})") from None
+    if verify:
+        _verify_on_rank0(ckpt)
+    meta = read_meta(ckpt)
     if meta.get("format") != DCP_FORMAT:
-        raise CheckpointError(f"checkpoint {ckpt} is not a distributed (DCP) checkpoint; "
-                              "load it with lomdm_dist.train.checkpoint.load_checkpoint")
+        raise CheckpointError(f"checkpoint {ckpt} is not a distributed (DCP) checkpoint (meta.json has format "
+                              f"{meta.get('format')!r}); it was written by an older version of this code")
     state = training_state(model, optimizer, ema_shadow)
     try:
         with _single_process_quiet():
-            dcp.load(state, checkpoint_id=str(ckpt / "state"), no_dist=not _distributed())
+            dcp.load(state, checkpoint_id=str(ckpt / STATE_DIR), no_dist=not _distributed())
     except CheckpointException as err:  # a BaseException carrying each failing rank's error
         failures = "; ".join(f"rank {rank}: {_first_error(exc)}" for rank, exc in sorted(err.failures.items()))
         raise CheckpointError(f"checkpoint {ckpt} does not match this model: {failures}") from None
-    except (RuntimeError, ValueError) as err:
+    except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint {ckpt} does not match this model: {err}") from None
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
@@ -238,17 +298,17 @@ def load_distributed_checkpoint(path: str | os.PathLike, *, model: nn.Module,
             for name, value in state["ema"].items():
                 if ema_shadow[name] is not value:
                     ema_shadow[name].copy_(value)
-    data_states = {}
-    for file in sorted((ckpt / "data").glob("dp*-of-*.pt")):
-        index, _, size = file.stem[2:].partition("-of-")
-        data_states[int(index)] = file
-        saved_size = int(size)
+    data_states, saved_dp = _per_index_files(ckpt / "data", "dp")
     data_state = None
-    if data_states and saved_size == dp_size and dp_rank in data_states:
+    if saved_dp == dp_size and dp_rank in data_states:
         data_state = torch.load(data_states[dp_rank], map_location="cpu", weights_only=True)
+    rank_state = None
+    current = asdict(layout or CheckpointLayout(world_size=_world_size()))
+    rank_files, _ = _per_index_files(ckpt / "ranks", "rank")
+    if meta.get("layout") == current and _rank() in rank_files:
+        rank_state = torch.load(rank_files[_rank()], map_location="cpu", weights_only=True)
     trainer_file = ckpt / "trainer.pt"
     trainer_state = torch.load(trainer_file, map_location="cpu", weights_only=True) if trainer_file.is_file() else None
     return LoadedCheckpoint(path=ckpt, step=int(meta["step"]), meta=meta,
                             config_yaml=(ckpt / "config.yaml").read_text(), trainer_state=trainer_state,
-                            data_state=data_state,
-                            data_states=data_states)
+                            data_state=data_state, data_states=data_states, rank_state=rank_state)

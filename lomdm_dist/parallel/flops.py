@@ -83,3 +83,27 @@ def mfu(flops_per_step: float, step_seconds: float, num_devices: int, peak_flops
     if step_seconds <= 0 or num_devices <= 0 or peak_flops_per_device <= 0:
         raise ValueError("mfu: step_seconds, num_devices and peak_flops_per_device must be positive")
     return flops_per_step / (step_seconds * num_devices * peak_flops_per_device)
+
+
+def config_step_flops(cfg, *, vocab_size: int, rows: int, masked_fraction: float) -> StepFlops:
+    """:func:`step_flops` for a run's config (``model``, ``data``, ``diffusion``) on ``rows`` rows."""
+    m, d = cfg.model, cfg.diffusion
+    return step_flops(n_layers=m.n_layers, d_model=m.d_model, mlp_ratio=m.mlp_ratio, cond_dim=m.cond_dim,
+                      head_hidden=m.head_mlp_hidden or m.d_model, vocab_size=vocab_size, seq_len=cfg.data.seq_len,
+                      rows=rows, num_masks=d.resolved_masks_per_row(), learned=d.scheduler == "lomdm",
+                      masked_fraction=masked_fraction)
+
+
+def device_peak_flops(device_name: str | None, compute_dtype: str | None) -> float | None:
+    """Dense peak of a GPU from :data:`PEAK_FLOPS` by its CUDA name, for bf16 compute; None when it
+    is unknown (CPU, another GPU, fp32 compute): MFU is then not reported rather than guessed."""
+    if not device_name or compute_dtype != "bf16":
+        return None
+    name = device_name.lower()
+    if "h200" in name:
+        return PEAK_FLOPS["h200-bf16"]
+    if "h100" in name:
+        return PEAK_FLOPS["h100-pcie-bf16" if "pcie" in name else "h100-sxm-bf16"]
+    if "a100" in name:
+        return PEAK_FLOPS["a100-bf16"]
+    return None

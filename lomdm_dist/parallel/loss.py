@@ -1,39 +1,25 @@
-"""The LoMDM / OeMDM objective, cut into the pieces a distributed step needs.
+"""The vocab-parallel per-token loss: the tensor-parallel hook of the objective.
 
-``lomdm_dist.diffusion.objective.diffusion_loss`` runs the three passes in one function. Pipeline
-parallelism has to stop between them (the masks depend on the last stage's phi head, and the loss
-of each masked microbatch is computed at the last stage), and tensor parallelism computes the
-loss on vocabulary slices. So the same computation is written here as steps with the same
-formulas, draws and normalisation:
-
-1. :func:`step_randomness`: t and the mask uniforms, pure functions of (seed, step, global row);
-2. :func:`draw_masks`: masks from the forward scheduler (for lomdm: from ``k_phi`` of pass 1);
-3. :func:`masked_copies`: the K masked copies of each row, copy-major like ``diffusion_loss``;
-4. :func:`masked_pass_loss`: given the backbone features of the masked copies, the per-row
-   NELBO terms and the RLOO surrogate, with the phi head re-applied (with grad) to the stored,
-   detached clean features;
-5. :func:`assemble_loss`: sums over microbatches into a ``LossOutput``.
-
-:func:`distributed_loss` chains them for layouts without pipeline parallelism.
+The objective itself (randomness, masks, the three passes, RLOO, statistics) is written once, in
+``lomdm_dist.diffusion.objective``, as pieces that every layout chains: whole on one device or under
+tensor / data parallelism (``diffusion_loss``), split at the pipeline's stage boundaries by
+``pipeline.py``. What tensor parallelism changes is only the per-token loss: the output layer hands
+each rank its slice of the vocabulary's logits, and :func:`vocab_parallel_token_loss` combines
+the slices' statistics without ever gathering the (N, V) logits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+import functools
+from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kernels.scheduler import lomdm_schedule
 from kernels.velocity_loss import (VocabPartials, combine_vocab_parallel, rescale_sumexp, velocity_loss,
                                    vocab_parallel_partials)
 
-from ..config import DiffusionConfig
-from ..diffusion import randomness
-from ..diffusion.objective import LossOutput, rloo_term
-from ..diffusion.schedulers import Scheduler
+from ..diffusion.objective import TokenLoss
 from .collectives import all_reduce_max, all_reduce_replicated_loss
 
 
@@ -45,16 +31,13 @@ class VocabParallel:
     vocab_start: int
 
 
-def token_losses(logits: Tensor, targets: Tensor, A: Tensor, A_hat: Tensor, *, mask_token_id: int,
-                 vocab_parallel: VocabParallel | None) -> tuple[Tensor, Tensor]:
-    """Per-token (l_main, l_velocity) from full logits, or from this rank's vocabulary slice.
+def vocab_parallel_token_loss(logits: Tensor, targets: Tensor, A: Tensor, A_hat: Tensor, *, mask_token_id: int,
+                              vocab_parallel: VocabParallel) -> tuple[Tensor, Tensor]:
+    """Per-token (l_main, l_velocity) from this rank's vocabulary slice of the logits.
 
-    The vocab-parallel path follows the protocol of ``kernels.velocity_loss``: per-slice max,
-    rescaled sum-exp and target logit, reduced over the group, so the (N, V) logits are never
-    gathered. Every rank ends with the same per-token losses.
+    The protocol of ``kernels.velocity_loss``: per-slice max, rescaled sum-exp and target logit,
+    reduced over the group. Every rank ends with the same per-token losses.
     """
-    if vocab_parallel is None:
-        return velocity_loss(logits, targets, A, A_hat, mask_token_id=mask_token_id)
     part = vocab_parallel_partials(logits, targets, vocab_start=vocab_parallel.vocab_start,
                                    mask_token_id=mask_token_id)
     group = vocab_parallel.group
@@ -64,198 +47,8 @@ def token_losses(logits: Tensor, targets: Tensor, A: Tensor, A_hat: Tensor, *, m
     return combine_vocab_parallel(VocabPartials(global_max, sumexp, target_logit), A, A_hat)
 
 
-def step_randomness(*, seed: int, step: int, rows: Tensor, global_batch: int, seq_len: int, num_masks: int,
-                    cfg: DiffusionConfig, time_stream: int = randomness.STREAM_TIME,
-                    mask_stream: int = randomness.STREAM_MASK) -> tuple[Tensor, Tensor]:
-    """(t64 (B,) float64, uniforms (K, B, L) float64) for the global ``rows``, as ``diffusion_loss`` draws them."""
-    t64 = randomness.diffusion_times(seed, step, rows, global_batch, t_eps=cfg.t_eps, antithetic=cfg.antithetic,
-                                     stream=time_stream)
-    uniforms = torch.stack([randomness.uniform(seed, step, mask_stream + r, rows, seq_len)
-                            for r in range(num_masks)])
-    return t64, uniforms
-
-
-def draw_masks(scheduler: Scheduler, t64: Tensor, uniforms: Tensor, valid: Tensor,
-               k_draw: Tensor | None = None) -> Tensor:
-    """(K, B, L) bool masks: position masked when its uniform is below P(masked at t).
-
-    For the learned scheduler ``k_draw`` holds the exponents k_phi (B, L) of pass 1.
-    """
-    if scheduler.learned:
-        if k_draw is None:
-            raise ValueError("draw_masks: the lomdm scheduler needs the exponents k_phi of the clean pass")
-        p_masked = torch.exp(k_draw.double() * torch.log(t64)[:, None])
-    else:
-        p_masked = torch.exp(scheduler.schedule(t64, valid.shape[1]).log_masked)
-    return (uniforms < p_masked) & valid
-
-
-def masked_copies(x: Tensor, masks: Tensor, mask_token_id: int) -> Tensor:
-    """(K * B, L) tokens: copy r of row b at index r * B + b, masked positions set to the mask id."""
-    K, B, L = masks.shape
-    return torch.where(masks, torch.full_like(x, mask_token_id), x.unsqueeze(0)).reshape(K * B, L)
-
-
-def conditioning_sigma(backbone, t: Tensor) -> Tensor:
-    """The sigma the backbone is conditioned on: t with time conditioning, zeros otherwise
-    (``conditioning`` ignores it then; a tensor is still passed so pipeline inputs keep one shape)."""
-    return t if backbone.time_conditioning else torch.zeros_like(t)
-
-
-@dataclass
-class PassLoss:
-    """Loss terms of a set of rows (a whole local batch or one pipeline microbatch)."""
-
-    surrogate: Tensor
-    """(B,) surrogate per row (differentiable)."""
-    F_main: Tensor
-    """(K, B) detached sums of l_main per masked copy."""
-    F_vel: Tensor
-    """(K, B) detached sums of l_velocity per masked copy."""
-    sums: dict[str, Tensor] = field(default_factory=dict)
-    """Detached sums and counts the step statistics are made of (added across microbatches)."""
-
-
-def masked_pass_loss(model, scheduler: Scheduler, *, h: Tensor, c: Tensor, x: Tensor, valid: Tensor,
-                     masks: Tensor, t64: Tensor, cfg: DiffusionConfig, g_phi: Tensor | None = None,
-                     h_clean: Tensor | None = None, c_clean: Tensor | None = None,
-                     vocab_parallel: VocabParallel | None = None) -> PassLoss:
-    """NELBO terms and RLOO surrogate of rows ``x`` (B, L) from the features ``h`` (K*B, L, d) of
-    their masked copies (conditioning ``c`` (K*B, cond_dim)).
-
-    For the learned scheduler ``g_phi`` (B, L) is the phi head's output with grad; when it is not
-    given, the head is applied here to the stored clean features ``h_clean`` (B, L, d) (detached
-    inside the head) and ``c_clean``. Its exponents equal the ones the masks were drawn with
-    because the head has no dropout.
-    """
-    backbone = model.backbone
-    K, B, L = masks.shape
-    t = t64.to(torch.float32)
-    sums: dict[str, Tensor] = {}
-    log_q = None
-    if scheduler.learned:
-        if g_phi is None:
-            if h_clean is None or c_clean is None:
-                raise ValueError("masked_pass_loss: the lomdm scheduler needs g_phi or the clean features "
-                                 "h_clean and c_clean")
-            g_phi = model.phi(h_clean, c_clean).float()
-        sched = lomdm_schedule(g_phi, t, valid, cfg.c1, cfg.c2, masks=masks, k_min=cfg.k_min)
-        velocity, log_q = sched.velocity, sched.log_q
-        k_valid = sched.k[valid].detach().double()
-        sums.update(k_phi_sum=k_valid.sum(), k_phi_sqsum=(k_valid ** 2).sum(),
-                    k_phi_count=torch.tensor(float(k_valid.numel()), dtype=torch.float64))
-    else:
-        velocity = scheduler.schedule(t64, L).velocity.to(torch.float32)
-
-    t_rep = t.repeat(K)
-    sel = masks.reshape(K * B, L)
-    row_of_token = sel.nonzero(as_tuple=True)[0]
-    logits = backbone.output_logits(h[sel], c[row_of_token])
-    targets = x.repeat(K, 1)[sel]
-    A = velocity.unsqueeze(0).expand(K, B, L).reshape(K * B, L)[sel]
-    if scheduler.learned:
-        valid_rep = valid.repeat(K, 1)
-        k_hat = lomdm_schedule(model.psi(h, c).float(), t_rep, valid_rep, cfg.c1, cfg.c2, k_min=cfg.k_min).k
-        A_hat = (k_hat / t_rep[:, None])[sel]
-        k_hat_valid = k_hat[valid_rep].detach().double()
-        sums.update(k_hat_sum=k_hat_valid.sum(),
-                    k_hat_count=torch.tensor(float(k_hat_valid.numel()), dtype=torch.float64))
-    else:
-        A_hat = A
-    l_main, l_vel = token_losses(logits, targets, A.float(), A_hat.float(), mask_token_id=model.mask_token_id,
-                                 vocab_parallel=vocab_parallel)
-
-    zeros = torch.zeros(K * B, device=x.device, dtype=torch.float32)
-    F_main = zeros.index_add(0, row_of_token, l_main).view(K, B)
-    F_vel = zeros.index_add(0, row_of_token, l_vel).view(K, B)
-    F = F_main + F_vel
-    surrogate = F.mean(0)
-    if log_q is not None and K > 1:
-        surrogate = surrogate + rloo_term(F, log_q)
-    sums.update(masked=masks.sum().double(), valid_copies=(valid.sum() * K).double(), t_sum=t.sum().double(),
-                rows=torch.tensor(float(B), dtype=torch.float64))
-    return PassLoss(surrogate=surrogate, F_main=F_main.detach(), F_vel=F_vel.detach(), sums=sums)
-
-
-def _statistics(sums: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Step statistics as ``diffusion_loss`` reports them, from sums over all microbatches."""
-    stats: dict[str, Tensor] = {}
-    if "k_phi_sum" in sums:
-        n = sums["k_phi_count"]
-        mean = sums["k_phi_sum"] / n.clamp(min=1)
-        var = (sums["k_phi_sqsum"] - n * mean ** 2) / (n - 1).clamp(min=1)
-        stats["k_phi_mean"] = mean.float()
-        stats["k_phi_std"] = var.clamp(min=0).sqrt().float()
-    if "k_hat_sum" in sums:
-        stats["k_hat_mean"] = (sums["k_hat_sum"] / sums["k_hat_count"].clamp(min=1)).float()
-    stats["masked_fraction"] = (sums["masked"] / sums["valid_copies"].clamp(min=1)).float()
-    stats["t_mean"] = (sums["t_sum"] / sums["rows"]).float()
-    return stats
-
-
-def assemble_loss(parts: list[PassLoss], *, normalizer: Tensor | float, tokens: Tensor,
-                  loss: Tensor | None = None, reduce_sums: Callable[[Tensor], Tensor] | None = None) -> LossOutput:
-    """One ``LossOutput`` from the loss terms of consecutive row sets (microbatches, in row order).
-
-    ``loss`` overrides the differentiable sum (a pipeline schedule has already back-propagated the
-    per-microbatch losses; it passes their detached sum). ``reduce_sums`` sums the statistics'
-    numerators and counts over data-parallel ranks, so ``stats`` describe the global batch.
-    """
-    F_main = torch.cat([p.F_main for p in parts], dim=1)
-    F_vel = torch.cat([p.F_vel for p in parts], dim=1)
-    F = F_main + F_vel
-    if loss is None:
-        loss = sum(p.surrogate.sum() for p in parts) / normalizer
-    sums: dict[str, Tensor] = {}
-    for p in parts:
-        for key, value in p.sums.items():
-            sums[key] = sums[key] + value if key in sums else value
-    if reduce_sums is not None:
-        keys = sorted(sums)
-        reduced = reduce_sums(torch.stack([sums[k].double().reshape(()) for k in keys]))
-        sums = {k: reduced[i] for i, k in enumerate(keys)}
-    return LossOutput(loss=loss, nelbo=F.mean(0).sum() / normalizer, l_main=F_main.mean(0).sum() / normalizer,
-                      l_velocity=F_vel.mean(0).sum() / normalizer, row_nelbo=F.double().mean(0), tokens=tokens,
-                      stats=_statistics(sums))
-
-
-def clean_features(model, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """Pass 1: (h_clean without grad, c_clean) of the clean rows, as ``diffusion_loss`` computes them."""
-    backbone = model.backbone
-    c_clean = backbone.conditioning(x.shape[0], conditioning_sigma(backbone, torch.zeros_like(t)))
-    with torch.no_grad():
-        h_clean = backbone.features(x, c_clean)
-    return h_clean, c_clean
-
-
-def draw_exponents(g_phi: Tensor, t: Tensor, valid: Tensor, cfg: DiffusionConfig) -> Tensor:
-    """k_phi (B, L) without grad from the phi head's output: the exponents the masks are drawn with."""
-    with torch.no_grad():
-        return lomdm_schedule(g_phi.detach(), t, valid, cfg.c1, cfg.c2, k_min=cfg.k_min).k
-
-
-def local_loss(model, scheduler: Scheduler, x: Tensor, *, cfg: DiffusionConfig, seed: int, step: int, rows: Tensor,
-               global_batch: int, valid: Tensor | None, num_masks: int | None, normalizer: Tensor | float,
-               time_stream: int, mask_stream: int, vocab_parallel: VocabParallel | None,
-               reduce_sums: Callable[[Tensor], Tensor] | None = None) -> LossOutput:
-    """All three passes on this rank's rows (no pipeline): the distributed twin of ``diffusion_loss``."""
-    backbone = model.backbone
-    B, L = x.shape
-    if valid is None:
-        valid = torch.ones_like(x, dtype=torch.bool)
-    K = num_masks or cfg.resolved_masks_per_row()
-    t64, uniforms = step_randomness(seed=seed, step=step, rows=rows.to(x.device), global_batch=global_batch,
-                                    seq_len=L, num_masks=K, cfg=cfg, time_stream=time_stream, mask_stream=mask_stream)
-    t = t64.to(torch.float32)
-    g_phi = k_draw = None
-    if scheduler.learned:
-        h_clean, c_clean = clean_features(model, x, t)
-        g_phi = model.phi(h_clean, c_clean).float()
-        k_draw = draw_exponents(g_phi, t, valid, cfg)
-    masks = draw_masks(scheduler, t64, uniforms, valid, k_draw)
-    z = masked_copies(x, masks, model.mask_token_id)
-    c = backbone.conditioning(K * B, conditioning_sigma(backbone, t.repeat(K)))
-    h = backbone.features(z, c)
-    part = masked_pass_loss(model, scheduler, h=h, c=c, x=x, valid=valid, masks=masks, t64=t64, cfg=cfg,
-                            g_phi=g_phi, vocab_parallel=vocab_parallel)
-    return assemble_loss([part], normalizer=normalizer, tokens=valid.sum().to(torch.float32), reduce_sums=reduce_sums)
+def token_loss_for(vocab_parallel: VocabParallel | None) -> TokenLoss:
+    """The per-token loss of a layout: the fused kernel on full logits, or the vocab-parallel one."""
+    if vocab_parallel is None:
+        return velocity_loss
+    return functools.partial(vocab_parallel_token_loss, vocab_parallel=vocab_parallel)

@@ -7,6 +7,9 @@ optimizer's parameter groups, the EMA and the checkpoints are keyed the same in 
 The model must hold the same weights on every rank when it is handed over (build it under the
 same ``torch.manual_seed`` everywhere, or load a checkpoint): sharding cuts each rank's piece out
 of its full copy, which makes the initialisation independent of the layout.
+
+``mesh=None`` is one process: nothing is split or sharded, activation checkpointing and compile
+still apply, and ``pm.model`` is the plain model itself.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from .config import ParallelConfig
 from .fsdp import apply_fsdp, dp_mesh
 from .grads import pipeline_group
 from .layout import parallel_section
-from .loss import VocabParallel
+from .loss import VocabParallel, token_loss_for
 from .pipeline import PipelineRunner, keep_stage_parts, rank_stages
 from .tensor_parallel import apply_tensor_parallel, vocab_slice_start
 
@@ -36,7 +39,7 @@ class ParallelModel:
     """
 
     model: nn.Module
-    mesh: DeviceMesh
+    mesh: DeviceMesh | None
     parallel: ParallelConfig
     vocab_parallel: VocabParallel | None
     pipeline: PipelineRunner | None
@@ -50,6 +53,20 @@ class ParallelModel:
     @property
     def pp_group(self):
         return pipeline_group(self.mesh)
+
+    @property
+    def token_loss(self):
+        """The per-token loss of this layout (vocab-parallel under tensor parallelism)."""
+        return token_loss_for(self.vocab_parallel)
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    @property
+    def is_plain(self) -> bool:
+        """True when ``model`` is the whole, unsharded model (one process)."""
+        return self.mesh is None
 
     def train(self, mode: bool = True) -> "ParallelModel":
         self.model.train(mode)
@@ -66,7 +83,7 @@ def _check_materialised(model: nn.Module) -> None:
                              "(to_empty + init_weights under the same seed on every rank, or load a checkpoint) first")
 
 
-def parallelize_model(model: nn.Module, mesh: DeviceMesh, cfg: Any, *, device: torch.device | str | None = None,
+def parallelize_model(model: nn.Module, mesh: DeviceMesh | None, cfg: Any, *, device: torch.device | str | None = None,
                       param_dtype: torch.dtype | None = None) -> ParallelModel:
     """Split, shard and wrap ``model`` (a ``LoMDM`` with real weights) for ``mesh``; returns the handle.
 
@@ -78,6 +95,11 @@ def parallelize_model(model: nn.Module, mesh: DeviceMesh, cfg: Any, *, device: t
     _check_materialised(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
+    if mesh is None:
+        apply_activation_checkpointing(model, par.activation_checkpointing)
+        if par.compile:
+            apply_compile(model)
+        return ParallelModel(model=model, mesh=None, parallel=par, vocab_parallel=None, pipeline=None)
     if par.pp > 1:
         keep_stage_parts(model, rank_stages(mesh["pp"].get_local_rank(), par.pp, par.virtual_stages),
                          par.num_stages)

@@ -37,13 +37,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from ..config import DiffusionConfig
-from ..diffusion.objective import LossOutput
+from ..diffusion.objective import (LossOutput, PassLoss, assemble_loss, conditioning_sigma, draw_exponents,
+                                   draw_masks, masked_copies, masked_pass_loss, step_randomness)
 from ..diffusion.schedulers import Scheduler
 from ..model import DiTBlock
 from .config import ParallelConfig
 from .mesh import sum_over_dp
-from .loss import (PassLoss, VocabParallel, assemble_loss, conditioning_sigma, draw_exponents, draw_masks,
-                   masked_copies, masked_pass_loss, step_randomness)
+from .loss import VocabParallel, token_loss_for
 
 
 class PipelineHole(nn.Module):
@@ -151,7 +151,7 @@ class PipelineRunner:
         self.mesh = mesh
         self.parallel = parallel
         self.device = device
-        self.vocab_parallel = vocab_parallel
+        self.token_loss = token_loss_for(vocab_parallel)
         self.group = mesh["pp"].get_group()
         self.pp_rank = mesh["pp"].get_local_rank()
         self.pp = parallel.pp
@@ -255,7 +255,7 @@ class PipelineRunner:
             self.model, ctx["scheduler"], h=h, c=c, x=ctx["x"][rows], valid=ctx["valid"][rows],
             masks=ctx["masks"][:, rows], t64=ctx["t64"][rows], cfg=ctx["cfg"],
             h_clean=ctx["h_clean"][rows] if clean else None, c_clean=ctx["c_clean"][rows] if clean else None,
-            vocab_parallel=self.vocab_parallel)
+            token_loss=self.token_loss)
         self._parts[index] = part
         return part.surrogate.sum() / ctx["normalizer"]
 

@@ -26,11 +26,11 @@ def dropout_seed(seed: int, *, dp_rank: int, pp_rank: int, tp_rank: int, sequenc
     return scalar_key(seed, 0x5EED, dp_rank, pp_rank, tp_rank if sequence_parallel else 0)
 
 
-def seed_dropout(seed: int, mesh: DeviceMesh, sequence_parallel: bool) -> int:
+def seed_dropout(seed: int, mesh: DeviceMesh | None, sequence_parallel: bool) -> int:
     """Seed torch's generators (CPU and CUDA) for this rank; returns the seed used."""
-    from .mesh import dp_rank
+    from .mesh import dim_rank, dp_rank
 
-    value = dropout_seed(seed, dp_rank=dp_rank(mesh), pp_rank=mesh["pp"].get_local_rank(),
-                         tp_rank=mesh["tp"].get_local_rank(), sequence_parallel=sequence_parallel)
+    value = dropout_seed(seed, dp_rank=dp_rank(mesh), pp_rank=dim_rank(mesh, "pp"),
+                         tp_rank=dim_rank(mesh, "tp"), sequence_parallel=sequence_parallel)
     torch.manual_seed(value)
     return value

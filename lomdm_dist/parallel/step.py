@@ -17,10 +17,9 @@ from torch import Tensor
 
 from ..config import DiffusionConfig
 from ..diffusion import randomness
-from ..diffusion.objective import LossOutput
+from ..diffusion.objective import LossOutput, diffusion_loss
 from ..diffusion.schedulers import Scheduler
 from .grads import finalize_gradients
-from .loss import local_loss
 from .mesh import sum_over_dp
 from .parallelize import ParallelModel
 
@@ -54,10 +53,10 @@ def distributed_loss(pm: ParallelModel, scheduler: Scheduler, x: Tensor, *, cfg:
     if pm.pipeline is not None:
         raise ValueError("distributed_loss: with parallel.pp > 1 use forward_backward (or evaluation_loss)")
     valid, normalizer, K = _prepare(pm, x, valid, normalizer, cfg, num_masks)
-    return local_loss(pm.model, scheduler, x, cfg=cfg, seed=seed, step=step, rows=rows, global_batch=global_batch,
-                      valid=valid, num_masks=K, normalizer=normalizer, time_stream=time_stream,
-                      mask_stream=mask_stream, vocab_parallel=pm.vocab_parallel,
-                      reduce_sums=lambda v: sum_over_dp(v, pm.mesh))
+    return diffusion_loss(pm.model, scheduler, x, cfg=cfg, seed=seed, step=step, rows=rows,
+                          global_batch=global_batch, valid=valid, num_masks=K, normalizer=normalizer,
+                          time_stream=time_stream, mask_stream=mask_stream, token_loss=pm.token_loss,
+                          reduce_sums=None if pm.mesh is None else lambda v: sum_over_dp(v, pm.mesh))
 
 
 def forward_backward(pm: ParallelModel, scheduler: Scheduler, x: Tensor, *, cfg: DiffusionConfig, seed: int,

@@ -1,16 +1,23 @@
-"""Atomic, verifiable checkpoints under ``run.dir/checkpoints/step-XXXXXXXX``.
+"""Atomic, verifiable checkpoints under ``run.dir/checkpoints/step-XXXXXXXX``: the protocol.
 
 Write protocol (a crash or SIGKILL at any point leaves every earlier checkpoint intact):
-1. write every file into ``checkpoints/.tmp-step-XXXXXXXX-<pid>/`` and fsync it;
-2. write the ``COMPLETE`` marker (JSON: step and the sha256 of every file) and fsync it;
+1. write every file into ``checkpoints/.tmp-step-XXXXXXXX-<token>/`` (:func:`begin_checkpoint`
+   makes it and removes partial directories that a killed save left behind);
+2. hash and fsync every file, write the ``COMPLETE`` marker (JSON: step and the sha256 of every
+   file) and fsync it;
 3. ``rename`` the directory to its final name (atomic on POSIX) and fsync the parent;
-4. delete the oldest complete checkpoints beyond ``keep``.
+4. delete the oldest complete checkpoints beyond ``keep`` (steps 2-4: :func:`complete_checkpoint`).
 
 A directory counts only if it has the marker; loading re-hashes every file, so a checkpoint that was
 damaged after it was written gives a clear error instead of a silently wrong resume.
 
-Weights are stored as safetensors (loadable without pickle by any tool); optimizer, RNG and data
-state go in ``trainer.pt`` (read with ``weights_only=True``).
+What goes into the directory is written by ``lomdm_dist.parallel.checkpoint`` (the same format for
+one process and for any layout): the training state as a Distributed Checkpoint under ``state/``
+(model, EMA and optimizer, sharded and reshardable), the data-loader state of each data-parallel
+slice under ``data/``, each rank's RNG state under ``ranks/``, ``trainer.pt`` (step, counters),
+``config.yaml``, ``meta.json``, and consolidated ``model.safetensors`` / ``ema.safetensors`` (the
+full weights, readable without torch.distributed or pickle by any tool). :func:`load_checkpoint`
+reads that consolidated view; :func:`load_inference_model` builds a model from the sharded state.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 MARKER = "COMPLETE"
+WEIGHTS_FILE = "model.safetensors"
+EMA_WEIGHTS_FILE = "ema.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 
@@ -96,31 +105,29 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return latest
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict[str, torch.Tensor],
-                    ema_state: dict[str, torch.Tensor] | None, trainer_state: dict, config_yaml: str,
-                    meta: dict, keep: int) -> Path:
-    """Write one checkpoint atomically and prune old ones; returns the final directory."""
+def begin_checkpoint(run_dir: str | os.PathLike, step: int, token: str | int) -> Path:
+    """Make the empty temporary directory of a checkpoint (one process: the caller shares the path).
+
+    Partial directories of earlier saves (killed before their rename) are deleted first: the
+    caller finishes or abandons any save in flight before starting the next.
+    """
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step-*"):
+    for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    tmp = root / f".tmp-{step_dir_name(step)}-{token}"
     tmp.mkdir()
-    files = {
-        "model.safetensors": lambda p: save_file(_contiguous(model_state), str(p)),
-        "trainer.pt": lambda p: torch.save(trainer_state, p),
-        "config.yaml": lambda p: p.write_text(config_yaml),
-        "meta.json": lambda p: p.write_text(json.dumps({**meta, "step": step}, indent=1)),
-    }
-    if ema_state is not None:
-        files["ema.safetensors"] = lambda p: save_file(_contiguous(ema_state), str(p))
+    return tmp
+
+
+def complete_checkpoint(tmp: Path, step: int, *, keep: int) -> Path:
+    """Steps 2-4 of the protocol for the fully written ``tmp``; returns the final directory."""
+    root = tmp.parent
+    final = root / step_dir_name(step)
     hashes = {}
-    for name, write in files.items():
-        path = tmp / name
-        write(path)
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         _fsync_file(path)
-        hashes[name] = _sha256(path)
+        hashes[str(path.relative_to(tmp))] = _sha256(path)
     marker = tmp / MARKER
     marker.write_text(json.dumps({"step": step, "time": time.time(), "sha256": hashes}, indent=1))
     _fsync_file(marker)
@@ -132,13 +139,21 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict[
     else:
         os.rename(tmp, final)
     _fsync_dir(root)
-    for _, old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+    for _, old in complete_checkpoints(root.parent)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict[str, torch.Tensor],
+                    ema_state: dict[str, torch.Tensor] | None, trainer_state: dict, config_yaml: str,
+                    meta: dict, keep: int) -> Path:
+    """A one-process checkpoint from plain state dicts (full tensors by name), in the format the
+    trainer writes, e.g. to package weights trained elsewhere; it loads into any layout."""
+    from ..parallel.checkpoint import write_checkpoint
+
+    state = {"model": dict(model_state), **({"ema": dict(ema_state)} if ema_state is not None else {})}
+    return write_checkpoint(run_dir, step, state, trainer_state=trainer_state, config_yaml=config_yaml, meta=meta,
+                            keep=keep)
 
 
 def verify_checkpoint(ckpt: Path) -> dict:
@@ -159,52 +174,62 @@ def verify_checkpoint(ckpt: Path) -> dict:
     return info
 
 
+def read_meta(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {ckpt}: unreadable meta.json ({err})") from None
+
+
 def load_checkpoint(ckpt: str | os.PathLike, *, verify: bool = True) -> dict:
-    """Read a checkpoint into memory: model, ema (or None), trainer state, config text, meta."""
+    """The consolidated view of a checkpoint, in memory: full model and EMA weights by name (EMA
+    None when absent), the trainer state, the config text and meta."""
     ckpt = resolve_checkpoint(ckpt)
     if verify:
         verify_checkpoint(ckpt)
     try:
         out = {
             "path": ckpt,
-            "model": load_file(str(ckpt / "model.safetensors")),
-            "ema": load_file(str(ckpt / "ema.safetensors")) if (ckpt / "ema.safetensors").is_file() else None,
+            "model": load_file(str(ckpt / WEIGHTS_FILE)),
+            "ema": load_file(str(ckpt / EMA_WEIGHTS_FILE)) if (ckpt / EMA_WEIGHTS_FILE).is_file() else None,
             "trainer": torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True),
             "config_yaml": (ckpt / "config.yaml").read_text(),
             "meta": json.loads((ckpt / "meta.json").read_text()),
         }
-    except CheckpointError:
-        raise
     except Exception as err:  # safetensors / pickle / json errors all mean the same to a user
         raise CheckpointError(f"checkpoint {ckpt} cannot be read: {type(err).__name__}: {err}") from None
     return out
 
 
 def load_inference_model(ckpt: str, *, use_ema: bool = True, device: str = "cpu"):
-    """(config, model in eval mode, scheduler) from a checkpoint or run directory."""
+    """(config, model in eval mode, scheduler) from a checkpoint or run directory, in one process.
+
+    The weights come from the sharded training state, whatever layout wrote it (the engine's
+    loader reshards it into this plain model).
+    """
     import tempfile
 
     from ..config import load_config
     from ..diffusion.schedulers import build_scheduler
     from ..model import build_model
+    from ..parallel.checkpoint import load_distributed_checkpoint
 
-    state = load_checkpoint(ckpt)
+    path = resolve_checkpoint(ckpt)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(state["config_yaml"])
+        f.write((path / "config.yaml").read_text())
         config_path = f.name
     try:
         cfg = load_config(config_path)
     finally:
         os.unlink(config_path)
-    model = build_model(cfg.model, cfg.diffusion, int(state["meta"]["vocab_size"]))
-    try:
-        model.load_state_dict(state["model"])
-        if use_ema and state["ema"] is not None:
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, value in state["ema"].items():
-                    params[name].copy_(value)
-    except (RuntimeError, KeyError) as err:
-        raise CheckpointError(f"checkpoint {state['path']} does not match its config's model: {err}") from None
+    model = build_model(cfg.model, cfg.diffusion, int(read_meta(path)["vocab_size"]))
+    params = dict(model.named_parameters())
+    has_ema = use_ema and (path / EMA_WEIGHTS_FILE).is_file()   # the export mirrors the saved parts
+    shadow = {name: torch.empty_like(p, dtype=torch.float32) for name, p in params.items()} if has_ema else None
+    load_distributed_checkpoint(path, model=model, ema_shadow=shadow)
+    if shadow is not None:
+        with torch.no_grad():
+            for name, value in shadow.items():
+                params[name].copy_(value)
     model.to(device).eval()
     return cfg, model, build_scheduler(cfg.diffusion)

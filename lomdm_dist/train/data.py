@@ -3,6 +3,11 @@ decoding and resumable state, built from ``data.*`` config keys.
 
 ``data.source = wikipedia_excerpt`` builds (once, cached) webdataset shards of the Wikipedia excerpt
 that gensim ships; ``data.source = shards`` reads a manifest built by ``python -m data_pipeline.build``.
+
+The training stream is sharded by the *data-parallel* rank and size (``parallel.dp_rank`` /
+``dp_size``), not by the process rank: tensor- and pipeline-parallel peers must see the same rows.
+Validation batches are global (every rank gets the whole batch and keeps its rows, see
+``lomdm_dist.parallel.evaluate``), so their split follows the layout and a row's draws do not.
 """
 
 from __future__ import annotations
@@ -16,14 +21,14 @@ from ..config import Config
 
 
 class TrainingData:
-    def __init__(self, cfg: Config, *, rank: int, world_size: int):
+    def __init__(self, cfg: Config, *, dp_rank: int, dp_size: int):
         from data_pipeline.corpus import ensure_bundled_corpus
         from data_pipeline.reader import ShardStream, read_manifest
         from data_pipeline.tokenizers import get_tokenizer
 
         d = cfg.data
-        if d.batch_size % world_size:
-            raise ValueError(f"data.batch_size ({d.batch_size}) must be divisible by the data-parallel size ({world_size})")
+        if d.batch_size % dp_size:
+            raise ValueError(f"data.batch_size ({d.batch_size}) must be divisible by the data-parallel size ({dp_size})")
         self.tokenizer = get_tokenizer(d.tokenizer)
         if d.source == "wikipedia_excerpt":
             self.train_manifest, self.val_manifest = ensure_bundled_corpus(
@@ -32,10 +37,10 @@ class TrainingData:
             self.train_manifest = d.path
             self.val_manifest = d.val_path or str(Path(d.path).parent.parent / "val" / "manifest.json")
             read_manifest(self.val_manifest)  # fail early, naming the file
-        self.rank, self.world_size = rank, world_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.eval_batch_size = d.eval_batch_size
-        self.stream = ShardStream(self.train_manifest, seed=cfg.train.seed, rank=rank, world_size=world_size,
-                                  batch_size=d.batch_size // world_size, num_workers=d.num_workers,
+        self.stream = ShardStream(self.train_manifest, seed=cfg.train.seed, rank=dp_rank, world_size=dp_size,
+                                  batch_size=d.batch_size // dp_size, num_workers=d.num_workers,
                                   skip_corrupt=d.skip_corrupt_shards, expect_seq_len=d.seq_len,
                                   expect_tokenizer_fingerprint=self.tokenizer.fingerprint)
         self.vocab_size = self.tokenizer.vocab_size
@@ -45,9 +50,9 @@ class TrainingData:
         return iter(self.stream)
 
     def eval_batches(self, max_batches: int = 0) -> Iterator[torch.Tensor]:
+        """Global validation batches of ``data.eval_batch_size`` rows (the last one may be smaller)."""
         from data_pipeline.reader import iter_eval_batches
-        return iter_eval_batches(self.val_manifest, self.eval_batch_size, rank=self.rank,
-                                 world_size=self.world_size, max_batches=max_batches)
+        return iter_eval_batches(self.val_manifest, self.eval_batch_size, max_batches=max_batches)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
@@ -62,6 +67,15 @@ class TrainingData:
     def load_state_dict(self, state: dict) -> None:
         self.stream.load_state_dict(state)
 
+    def restore(self, own_state: dict | None, saved_states: dict[int, Path]) -> None:
+        """Continue where a checkpoint left off: this slice's own state when the data-parallel size
+        is unchanged, else any saved slice's (checkpoints are taken at step boundaries, where every
+        slice has consumed the same number of global batches; the stream converts the position)."""
+        if own_state is None and saved_states:
+            own_state = torch.load(saved_states[min(saved_states)], map_location="cpu", weights_only=True)
+        if own_state is not None:
+            self.load_state_dict(own_state)
 
-def build_data(cfg: Config, *, rank: int = 0, world_size: int = 1) -> TrainingData:
-    return TrainingData(cfg, rank=rank, world_size=world_size)
+
+def build_data(cfg: Config, *, dp_rank: int = 0, dp_size: int = 1) -> TrainingData:
+    return TrainingData(cfg, dp_rank=dp_rank, dp_size=dp_size)

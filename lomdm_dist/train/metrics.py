@@ -31,6 +31,18 @@ def _plain(value):
     return value
 
 
+def throughput(tokens: float, seconds: float, num_devices: int, *, flops: float | None = None,
+               peak_flops_per_device: float | None = None) -> dict[str, float]:
+    """``tokens_per_sec`` (the whole job), ``tokens_per_sec_per_device`` and, when the model FLOPs
+    of the window and the devices' peak are known, ``mfu`` (``lomdm_dist.parallel.flops``)."""
+    seconds = max(seconds, 1e-9)
+    values = {"tokens_per_sec": tokens / seconds, "tokens_per_sec_per_device": tokens / seconds / num_devices}
+    if flops is not None and peak_flops_per_device:
+        from ..parallel.flops import mfu
+        values["mfu"] = mfu(flops, seconds, num_devices, peak_flops_per_device)
+    return values
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | os.PathLike, *, resume_step: int | None = None, enabled: bool = True,
                  tensorboard: bool = True):

@@ -1,15 +1,25 @@
-"""The training loop: one process here; the mesh-aware pieces (rank, world size, global rows) are
-already parameters so the distributed engine can drive the same loop.
+"""The training loop: one code path for one process or N processes in any layout.
 
-Per step: rows of the global batch -> ``diffusion_loss`` (three passes for LoMDM) -> backward ->
-non-finite check -> grad clip -> AdamW -> EMA. Evaluation, sampling and checkpoints run on schedule;
-SIGTERM / SIGUSR1 make the loop save a checkpoint at the next step boundary and return.
+Set-up, on every rank: torchrun's environment says who this process is; the layout is validated
+against the world size *before* any process group starts (a bad layout is a config error naming
+the keys); the process group starts (gloo on CPU, NCCL on GPU, collective timeout from
+``LOMDM_COLLECTIVE_TIMEOUT_S``); the model is built under the same seed on every rank and laid out
+on the mesh (``parallelize_model``: each rank cuts its shard out of the same full copy); dropout
+is seeded per rank; AdamW and the EMA hold this rank's part; the newest complete checkpoint is
+loaded, whatever layout wrote it. One process is the same code with ``mesh = None``.
+
+Per step: this rank's rows of the global batch -> ``forward_backward`` (three passes for LoMDM,
+the two-phase pipeline step under pipeline parallelism) -> non-finite check that every rank
+shares -> global grad-norm clip -> AdamW -> EMA. Evaluation (every rank, on global validation
+batches), sample text and priority images (rank 0, from weights gathered there) and checkpoints
+(Distributed Checkpoint, every rank) run on schedule. SIGTERM / SIGUSR1 make every rank save at
+the same step boundary and return.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -20,15 +30,23 @@ import yaml
 from tqdm import tqdm
 
 from ..config import Config, config_to_dict, save_config
-from ..diffusion.objective import diffusion_loss
+from ..diffusion.randomness import scalar_key
 from ..diffusion.schedulers import build_scheduler
-from ..eval.perplexity import validation_nelbo
 from ..model import build_model
+from ..parallel import (CheckpointLayout, PendingCheckpoint, ProcessEnv, any_rank, build_mesh, clip_grad_norm_,
+                        distributed_validation_nelbo, dp_rank, dp_size, forward_backward, gather_full_parameters,
+                        global_loss_values, init_process_group, load_distributed_checkpoint, local_rows,
+                        parallelize_model, process_device, save_distributed_checkpoint, seed_dropout,
+                        shutdown_process_group, validate_layout, writes_dp_slice_state)
+from ..parallel.flops import config_step_flops, device_peak_flops
 from . import checkpoint as ckpt_lib
 from .data import build_data
 from .ema import EMA
-from .metrics import MetricsLogger, print0
+from .metrics import MetricsLogger, print0, throughput
 from .optimizer import build_optimizer, set_learning_rate
+
+ASYNC_CHECKPOINT_VARIABLE = "LOMDM_ASYNC_CHECKPOINT"
+"""Set to 1 to write scheduled checkpoints in the background on GPU (the final one is always synchronous)."""
 
 
 class TrainingError(RuntimeError):
@@ -43,14 +61,6 @@ class TrainResult:
     nonfinite_skipped: int
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("train.device is 'cuda' but CUDA is not available")
-    return torch.device(name)
-
-
 def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -58,84 +68,134 @@ def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, rank: int = 0, world_size: int = 1):
+    """``Trainer(cfg).run()``: one process's part of a run. ``env`` defaults to torchrun's variables
+    of this process (one process when none are set); a multi-process job starts its process group
+    here and leaves it at the end of :meth:`run`."""
+
+    def __init__(self, cfg: Config, *, env: ProcessEnv | None = None):
         self.cfg = cfg
-        self.rank, self.world_size = rank, world_size
+        self.env = env or ProcessEnv.from_environ()
+        self.rank, self.world_size = self.env.rank, self.env.world_size
+        self.parallel = validate_layout(cfg, self.world_size)
         self.run_dir = Path(cfg.run.dir)
-        self.device = resolve_device(cfg.train.device)
+        self.device = process_device(self.env, cfg.train.device)
         self.autocast_dtype = resolve_autocast(cfg.train.precision, self.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        torch.manual_seed(cfg.train.seed)
+        self._owns_group = init_process_group(self.env, self.device)
+        self._build()
 
-        self.data = build_data(cfg, rank=rank, world_size=world_size)
+    def _build(self) -> None:
+        cfg = self.cfg
+        self.mesh = build_mesh(cfg, self.world_size)
+        self.layout = CheckpointLayout(world_size=self.world_size, tp=self.parallel.tp, pp=self.parallel.pp,
+                                       dp_replicate=self.parallel.dp_replicate, dp_shard=self.parallel.dp_shard)
+        self.data = build_data(cfg, dp_rank=dp_rank(self.mesh), dp_size=dp_size(self.mesh))
         self.vocab_size = self.data.vocab_size + 1          # + the mask token
-        self.model = build_model(cfg.model, cfg.diffusion, self.vocab_size).to(self.device)
+        torch.manual_seed(cfg.train.seed)                  # the same full model on every rank
+        model = build_model(cfg.model, cfg.diffusion, self.vocab_size)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        param_dtype = self.autocast_dtype if self.parallel.dp > 1 else None   # FSDP2 mixed precision
+        self.pm = parallelize_model(model, self.mesh, cfg, device=self.device, param_dtype=param_dtype)
+        self.model = self.pm.model
+        seed_dropout(cfg.train.seed, self.mesh, self.parallel.sequence_parallel)
         self.scheduler = build_scheduler(cfg.diffusion)
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=self.device.type == "cuda")
         self.ema = EMA(self.model, cfg.train.ema_decay)
+        self.rows = local_rows(self.mesh, cfg.data.batch_size, device=self.device)
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
         self._stop_signal: int | None = None
         self.last_eval: dict | None = None
+        self._pending: PendingCheckpoint | None = None
+        self._inference: torch.nn.Module | None = None
+        self.async_checkpoints = self.device.type == "cuda" and os.environ.get(ASYNC_CHECKPOINT_VARIABLE) == "1"
+        self.peak_flops = device_peak_flops(
+            torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+            "bf16" if self.autocast_dtype == torch.bfloat16 else None)
 
         resumed_from = self._maybe_resume()
-        if rank == 0:
+        if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
         self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if resumed_from else None,
-                                     enabled=rank == 0)
-        n_params = sum(p.numel() for p in self.model.parameters())
-        print0(f"model: {n_params / 1e6:.2f}M parameters, vocab {self.vocab_size}, scheduler "
-               f"{cfg.diffusion.scheduler}, device {self.device}"
-               + (f", resumed from {resumed_from}" if resumed_from else ""), rank=rank)
+                                     enabled=self.rank == 0)
+        par = self.parallel
+        print0(f"model: {self.n_params / 1e6:.2f}M parameters, vocab {self.vocab_size}, scheduler "
+               f"{cfg.diffusion.scheduler}, {self.world_size} process(es) on {self.device.type} "
+               f"(tp {par.tp}, pp {par.pp}, dp_shard {par.dp_shard}, dp_replicate {par.dp_replicate})"
+               + (f", resumed from {resumed_from}" if resumed_from else ""), rank=self.rank)
+
+    def close(self) -> None:
+        """Leave the process group this trainer started (nothing for one process); every rank calls it.
+
+        After an error that not every rank shares, the group is left to the process's exit instead:
+        a barrier would hang, and closing it early would make the peers fail before this rank
+        has said why.
+        """
+        if self._owns_group:
+            shutdown_process_group(clean=True)
+            self._owns_group = False
 
     # ----------------------------------------------------------------------------------- state
     def _trainer_state(self) -> dict:
-        return {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "ema_num_updates": self.ema.num_updates,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "data": self.data.state_dict(),
-            "nonfinite_total": self.nonfinite_total,
-            "nonfinite_in_row": self.nonfinite_in_row,
-        }
+        return {"step": self.step, "ema_num_updates": self.ema.num_updates,
+                "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row}
 
-    def save(self) -> Path:
-        path = ckpt_lib.save_checkpoint(
-            self.run_dir, self.step, model_state=self.model.state_dict(), ema_state=self.ema.shadow,
+    def _rank_state(self) -> dict:
+        """What only this rank knows: its dropout generator state."""
+        cuda = self.device.type == "cuda"
+        return {"rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(self.device) if cuda else torch.empty(0, dtype=torch.uint8)}
+
+    def save(self, *, background: bool = False) -> Path | None:
+        """Write a checkpoint with every rank; returns its directory (None while a background write runs)."""
+        self._finish_pending()
+        result = save_distributed_checkpoint(
+            self.run_dir, self.step, model=self.model, optimizer=self.optimizer, ema_shadow=self.ema.shadow,
+            data_state=self.data.state_dict(), dp_rank=dp_rank(self.mesh), dp_size=dp_size(self.mesh),
+            write_data_state=writes_dp_slice_state(self.mesh), rank_state=self._rank_state(),
             trainer_state=self._trainer_state(),
             config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
             meta={"vocab_size": self.vocab_size, "tokenizer": self.cfg.data.tokenizer,
                   "scheduler": self.cfg.diffusion.scheduler},
-            keep=self.cfg.train.keep_checkpoints)
-        return path
+            layout=self.layout, keep=self.cfg.train.keep_checkpoints, async_save=background and self.async_checkpoints)
+        if isinstance(result, PendingCheckpoint):
+            self._pending = result
+            return None
+        return result
+
+    def _finish_pending(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.finish()
 
     def _maybe_resume(self) -> Path | None:
         latest = ckpt_lib.latest_checkpoint(self.run_dir)
         if latest is None:
             return None
-        state = ckpt_lib.load_checkpoint(latest)
-        if int(state["meta"]["vocab_size"]) != self.vocab_size:
+        saved_vocab = ckpt_lib.read_meta(latest).get("vocab_size")
+        if saved_vocab is not None and int(saved_vocab) != self.vocab_size:
             raise ckpt_lib.CheckpointError(
-                f"checkpoint {latest} has vocabulary {state['meta']['vocab_size']}, the data has {self.vocab_size}")
+                f"checkpoint {latest} has vocabulary {saved_vocab}, the data has {self.vocab_size}")
+        loaded = load_distributed_checkpoint(latest, model=self.model, optimizer=self.optimizer,
+                                             ema_shadow=self.ema.shadow, dp_rank=dp_rank(self.mesh),
+                                             dp_size=dp_size(self.mesh), layout=self.layout)
+        state = loaded.trainer_state or {}
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["trainer"]["optimizer"])
-            self.ema.load_state_dict({"shadow": state["ema"], "num_updates": state["trainer"]["ema_num_updates"]})
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise ckpt_lib.CheckpointError(
-                f"checkpoint {latest} does not match this config (model or optimizer shapes differ): {err}") from None
-        trainer = state["trainer"]
-        self.step = int(trainer["step"])
-        self.nonfinite_total = int(trainer["nonfinite_total"])
-        self.nonfinite_in_row = int(trainer["nonfinite_in_row"])
-        torch.set_rng_state(trainer["rng_cpu"])
-        if torch.cuda.is_available() and trainer["rng_cuda"]:
-            torch.cuda.set_rng_state_all(trainer["rng_cuda"])
-        self.data.load_state_dict(trainer["data"])
+            self.step = int(state["step"])
+            self.ema.num_updates = int(state["ema_num_updates"])
+            self.nonfinite_total = int(state["nonfinite_total"])
+            self.nonfinite_in_row = int(state["nonfinite_in_row"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ckpt_lib.CheckpointError(f"checkpoint {latest}: trainer.pt lacks {err}") from None
+        if loaded.rank_state is not None:      # same layout: continue this rank's dropout stream
+            torch.set_rng_state(loaded.rank_state["rng_cpu"])
+            if self.device.type == "cuda" and loaded.rank_state["rng_cuda"].numel():
+                torch.cuda.set_rng_state(loaded.rank_state["rng_cuda"], self.device)
+        else:                                  # another layout: a fresh, step-dependent dropout stream
+            seed_dropout(scalar_key(self.cfg.train.seed, self.step), self.mesh, self.parallel.sequence_parallel)
+        self.data.restore(loaded.data_state, loaded.data_states)
         return latest
 
     # ------------------------------------------------------------------------------------ step
@@ -145,13 +205,12 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def compute_loss(self, x: torch.Tensor):
-        local_batch = x.shape[0]
-        first = self.rank * local_batch
-        rows = torch.arange(first, first + local_batch, device=self.device)
+        """Forward and backward on this rank's rows ``x``: gradients accumulated, values detached."""
         valid = (x != self.data.pad_id) if self.data.pad_id is not None else None
         with self._autocast():
-            return diffusion_loss(self.model, self.scheduler, x, cfg=self.cfg.diffusion, seed=self.cfg.train.seed,
-                                  step=self.step, rows=rows, global_batch=self.cfg.data.batch_size, valid=valid)
+            return forward_backward(self.pm, self.scheduler, x, cfg=self.cfg.diffusion, seed=self.cfg.train.seed,
+                                    step=self.step, rows=self.rows, global_batch=self.cfg.data.batch_size,
+                                    valid=valid)
 
     def train_step(self, x: torch.Tensor) -> dict | None:
         """One update; returns metrics, or None when the loss was non-finite and the update skipped."""
@@ -159,19 +218,17 @@ class Trainer:
         lr = set_learning_rate(self.optimizer, self.step, cfg.optim.warmup_steps)
         self.optimizer.zero_grad(set_to_none=True)
         out = self.compute_loss(x)
-        if not torch.isfinite(out.loss).item():
+        if any_rank(not torch.isfinite(out.loss).item(), self.device):
             return self._skip_nonfinite("loss")
-        out.loss.backward()
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = clip_grad_norm_(self.pm.parameters(), max_norm, self.pm.pp_group)   # global: the same on every rank
         if not torch.isfinite(grad_norm).item():
             return self._skip_nonfinite("gradient norm")
         self.optimizer.step()
         self.ema.update(self.model)
         self.nonfinite_in_row = 0
-        values = {"loss": out.loss.item(), "nelbo": out.nelbo.item(), "l_main": out.l_main.item(),
-                  "l_velocity": out.l_velocity.item(), "lr": lr, "grad_norm": grad_norm.item()}
-        values.update({k: v.item() for k, v in out.stats.items()})
+        values = global_loss_values(self.pm, out)
+        values.update(lr=lr, grad_norm=grad_norm.item())
         return values
 
     def _skip_nonfinite(self, what: str) -> None:
@@ -186,25 +243,50 @@ class Trainer:
                                 f"lower optim.lr or check the data")
         return None
 
+    def _step_flops(self, values: dict) -> float:
+        return config_step_flops(self.cfg, vocab_size=self.vocab_size, rows=self.cfg.data.batch_size,
+                                 masked_fraction=values["masked_fraction"]).total
+
     # ------------------------------------------------------------------------------------ eval
     def evaluate(self) -> dict:
+        """Validation NELBO on every rank; on rank 0 also priority images and samples (when enabled)."""
         cfg = self.cfg
         swap = self.ema.swapped_in(self.model) if cfg.eval.use_ema else contextlib.nullcontext()
         with swap:
-            result = validation_nelbo(
-                self.model, self.scheduler, self.data.eval_batches(max_batches=cfg.eval.max_batches),
+            result = distributed_validation_nelbo(
+                self.pm, self.scheduler, self.data.eval_batches(max_batches=cfg.eval.max_batches),
                 cfg=cfg.diffusion, seed=cfg.train.seed, device=self.device, pad_id=self.data.pad_id,
                 t_samples=cfg.eval.t_samples, autocast_dtype=self.autocast_dtype)
-            if self.rank == 0:
-                if self.scheduler.learned:
-                    self._log_priorities()
-                if cfg.sample.every_eval:
-                    self._write_samples()
+            if self.scheduler.learned or cfg.sample.every_eval:
+                model = self._inference_model()
+                if model is not None:
+                    if self.scheduler.learned:
+                        self._log_priorities(model)
+                    if cfg.sample.every_eval:
+                        self._write_samples(model)
         self.last_eval = result
         return result
 
+    def _inference_model(self) -> torch.nn.Module | None:
+        """The whole model with the current weights on rank 0, None elsewhere (collective).
+
+        One process: the trained model itself. Several: a plain copy on rank 0 filled with the
+        weights gathered from every rank (``gather_full_parameters``).
+        """
+        if self.pm.is_plain:
+            return self.model
+        weights = gather_full_parameters(self.pm)
+        if weights is None:
+            return None
+        if self._inference is None:
+            self._inference = build_model(self.cfg.model, self.cfg.diffusion, self.vocab_size).to(self.device)
+        with torch.no_grad():
+            for name, param in self._inference.named_parameters():
+                param.copy_(weights[name])
+        return self._inference
+
     @torch.no_grad()
-    def _log_priorities(self, rows: int = 8) -> None:
+    def _log_priorities(self, model: torch.nn.Module, rows: int = 8) -> None:
         """Histogram of the learned exponents k_phi and an image of them per position (rows x L) for
         a few validation rows: where the model puts its generation priority."""
         from kernels.scheduler import lomdm_schedule
@@ -214,29 +296,29 @@ class Trainer:
             return
         x = x[:rows].to(self.device)
         valid = (x != self.data.pad_id) if self.data.pad_id is not None else torch.ones_like(x, dtype=torch.bool)
-        backbone = self.model.backbone
-        was_training = self.model.training
-        self.model.eval()
+        backbone = model.backbone
+        was_training = model.training
+        model.eval()
         try:
             with self._autocast():
                 c = backbone.conditioning(x.shape[0], torch.zeros(x.shape[0], device=self.device)
                                           if backbone.time_conditioning else None)
-                g = self.model.phi(backbone.features(x, c), c).float()
+                g = model.phi(backbone.features(x, c), c).float()
             t = torch.full((x.shape[0],), 0.5, device=self.device)
             k = lomdm_schedule(g, t, valid, self.cfg.diffusion.c1, self.cfg.diffusion.c2,
                                k_min=self.cfg.diffusion.k_min).k
         finally:
-            self.model.train(was_training)
+            model.train(was_training)
         self.metrics.histogram("k_phi", k[valid], self.step)
         d = self.cfg.diffusion
         self.metrics.image("k_phi_per_position", (k - (d.c1 - d.c2)) / (2 * d.c2 if d.c2 > 0 else 1.0), self.step)
 
-    def _write_samples(self) -> None:
+    def _write_samples(self, model: torch.nn.Module) -> None:
         from ..diffusion.sampler import sample
         from .samples import write_samples
 
         cfg = self.cfg
-        result = sample(self.model, self.scheduler, num=cfg.sample.num, seq_len=cfg.data.seq_len,
+        result = sample(model, self.scheduler, num=cfg.sample.num, seq_len=cfg.data.seq_len,
                         steps=cfg.sample.steps, diffusion_cfg=cfg.diffusion, t_min=cfg.sample.t_min,
                         final_argmax=cfg.sample.final_argmax, reverse_c2_zero=cfg.sample.reverse_c2_zero,
                         seed=cfg.sample.seed + self.step, device=self.device)
@@ -251,6 +333,18 @@ class Trainer:
         print0(f"received signal {signum}: saving a checkpoint at the next step boundary", rank=self.rank)
 
     def run(self) -> TrainResult:
+        """Train to ``train.max_steps`` (or a stop signal); leaves the process group at the end.
+
+        Any other error propagates with the group still open (see :meth:`close`)."""
+        try:
+            result = self._loop()
+        except TrainingError:
+            self.close()          # raised on every rank at the same step (the non-finite check is shared)
+            raise
+        self.close()
+        return result
+
+    def _loop(self) -> TrainResult:
         cfg = self.cfg.train
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -261,10 +355,10 @@ class Trainer:
                    disable=not cfg.progress or self.rank != 0)
         batches = iter(self.data)
         status = "completed"
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
         try:
             while self.step < cfg.max_steps:
-                if self._stop_signal is not None:
+                if any_rank(self._stop_signal is not None, self.device):   # every rank stops at the same step
                     status = "interrupted"
                     break
                 x = next(batches).to(self.device, non_blocking=True)
@@ -272,21 +366,29 @@ class Trainer:
                 self.step += 1
                 window_steps += 1
                 bar.update(1)
+                if values is not None and self.peak_flops is not None:
+                    window_flops += self._step_flops(values)
                 if values is not None and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
-                    elapsed = time.perf_counter() - window_start
-                    values["tokens_per_sec"] = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                    values.update(throughput(tokens_per_step * window_steps, time.perf_counter() - window_start,
+                                             self.world_size, flops=window_flops or None,
+                                             peak_flops_per_device=self.peak_flops))
+                    if self.device.type == "cuda":
+                        values["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
                     values["nonfinite_skipped"] = self.nonfinite_total
                     values.update(self.data.stats)
                     self.metrics.log(self.step, values)
                     bar.set_postfix(loss=f"{values['loss']:.3f}", nelbo=f"{values['nelbo']:.3f}")
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     result = self.evaluate()
                     self.metrics.log(self.step, result)
-                    bar.write(f"step {self.step}: val_nelbo {result['val_nelbo']:.4f}  val_ppl {result['val_ppl']:.1f}")
-                    window_start, window_steps = time.perf_counter(), 0
+                    if self.rank == 0:
+                        bar.write(f"step {self.step}: val_nelbo {result['val_nelbo']:.4f}  "
+                                  f"val_ppl {result['val_ppl']:.1f}")
+                    window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
-                    self.save()
+                    self.save(background=self.step != cfg.max_steps)
+            self._finish_pending()
             if status == "interrupted":
                 path = self.save()
                 print0(f"stopped by signal at step {self.step}; checkpoint {path}", rank=self.rank)

@@ -1,0 +1,95 @@
+"""``launchers/local.py``: configuration errors before any process starts, a failing rank, signals.
+
+The failing rank is ``tests/parallel_workers/failing_train.py`` (the real trainer with one rank
+raising at a chosen step); the signal test sends SIGTERM to the launcher of a real two-process
+FSDP run and expects every rank to stop at the same step with one complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lomdm_dist.train import checkpoint as ckpt_lib
+from dist_utils import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.dist
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.getbasetemp() / "dist_corpus_cache")
+
+
+def test_config_error_is_reported_once_before_any_process_starts(tmp_path):
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "launchers/local.py", "--nproc", "3", "configs/smoke.yaml",
+                             f"run.dir={tmp_path / 'run'}", "parallel.tp=3"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error:"), result.stderr
+    assert "parallel.tp (3)" in lines[0] and "model.n_heads (4)" in lines[0]
+    assert not (tmp_path / "run").exists()           # no rank ever started
+    assert time.perf_counter() - start < 10          # no torch import, no spawn
+
+    wrong_world = subprocess.run([sys.executable, "launchers/local.py", "--nproc", "3", "configs/smoke.yaml",
+                                  f"run.dir={tmp_path / 'run'}", "parallel.tp=2"],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert wrong_world.returncode == 2
+    assert wrong_world.stderr.count("config error") == 1 and "number of processes (3)" in wrong_world.stderr
+
+
+def test_a_failing_rank_brings_the_launcher_down_naming_it(tmp_path, cache):
+    env = {**os.environ, "FAIL_RANK": "1", "FAIL_AT_STEP": "1"}
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "launchers/local.py", "--nproc", "2", "--grace-s", "20", "--script",
+                             "tests/parallel_workers/failing_train.py", "configs/smoke.yaml",
+                             *tiny_overrides(tmp_path / "run", cache, **{"parallel.tp": 2, "train.max_steps": 50})],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "[launcher] rank 1 failed first (exit code 1): RuntimeError: injected failure at step 1" in result.stderr
+    assert "rank 1 of 2 failed: RuntimeError: injected failure at step 1" in result.stderr
+    assert time.perf_counter() - start < 60, "the surviving rank should fail in its next collective, not hang"
+
+
+def test_sigterm_is_forwarded_and_every_rank_saves_at_the_same_step(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(run_dir, cache, **{"parallel.dp_shard": 2, "train.max_steps": 1000,
+                                                  "train.eval_every": 1000, "train.ckpt_every": 1000})
+    stderr = open(tmp_path / "stderr.txt", "w+")
+    proc = subprocess.Popen([sys.executable, "launchers/local.py", "--nproc", "2", "configs/smoke.yaml", *overrides],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr.seek(0)
+    log = stderr.read()
+    assert returncode == 0, log[-3000:]
+    assert log.count("received signal 15") == 1        # printed by rank 0 only, but both ranks stopped:
+    assert "[launcher] all 2 ranks ended cleanly after SIGTERM" in log
+    (step, ckpt), = ckpt_lib.complete_checkpoints(run_dir)
+    assert 2 <= step < 1000 and f"stopped by signal at step {step}" in log
+    last_logged = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    assert last_logged == step
+    positions = [torch.load(f, weights_only=True)["global_samples"] for f in sorted((ckpt / "data").glob("dp*.pt"))]
+    assert positions == [step * 4, step * 4]            # both data-parallel slices stopped after the same step
+    ckpt_lib.verify_checkpoint(ckpt)
