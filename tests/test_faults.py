@@ -28,7 +28,7 @@ from lomdm_dist.train import checkpoint as ckpt_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULTY_TRAIN = ROOT / "tests" / "fault_workers" / "faulty_train.py"
-TASKS = 1
+TASKS = 2
 MAX_STEPS = 10
 JOB_TIMEOUT_S = 240
 
@@ -191,7 +191,8 @@ def test_timeout_signal_requeues_and_finishes_like_an_uninterrupted_run(tmp_path
     assert len(runs) == 2, "expected one requeue"
     resumed_at = runs[1][0][1]
     assert 3 < resumed_at < MAX_STEPS, f"the interrupted run should stop after step 3, it resumed at {resumed_at}"
-    assert [step for _, step, _ in runs[1]] == list(range(resumed_at, MAX_STEPS))
+    for rank in range(TASKS):  # every rank resumes at the same step and runs to the end once
+        assert [step for r, step, _ in runs[1] if r == rank] == list(range(resumed_at, MAX_STEPS)), rank
     assert_same_run(run_dir, record, reference)
     log = Path(job.paths.stderr).read_text()
     assert "requeueing (1 of at most 3)" in log and f"step-{resumed_at:08d}" in log
@@ -231,9 +232,13 @@ def test_sigkill_at_several_points_then_restart_loses_nothing(tmp_path, corpus_c
     stages = [(["--kill-in-save", "6:1"], [3]), (["--kill-in-save", "6:6"], [3]),
               (["--kill-after-rename", "9"], [3, 6, 9]), ([], [9, 10])]
     for faults, checkpoints_after in stages:
-        expected_rc = 0 if not faults else -signal.SIGKILL
-        for result in run_ranks(faulty_command(record, *faults), config):
-            assert result.returncode == expected_rc, f"{faults}: {result.stderr[-3000:]}"
+        results = run_ranks(faulty_command(record, *faults), config)
+        codes = [r.returncode for r in results]
+        if faults:  # the killed rank dies by SIGKILL; a peer fails its next collective (exit 1) instead of hanging
+            assert -signal.SIGKILL in codes and set(codes) <= {-signal.SIGKILL, 1}, \
+                f"{faults}: {codes} {results[0].stderr[-2000:]}"
+        else:
+            assert codes == [0] * TASKS, f"{codes}: {results[0].stderr[-3000:]}"
         assert [s for s, _ in ckpt_lib.complete_checkpoints(run_dir)] == checkpoints_after, faults
     resumed_from = [run[0][1] for run in read_runs(record)[1:]]
     assert resumed_from == [3, 3, 3, 9], "each restart must resume from the newest complete checkpoint"

@@ -362,7 +362,8 @@ def test_validation_split_over_ranks_pads_a_ragged_batch_and_sums_to_one_process
 # --- process environment ---------------------------------------------------------------------------
 
 def test_process_environment_is_read_and_checked():
-    from lomdm_dist.parallel.runtime import ProcessEnv, collective_timeout
+    from lomdm_dist.config import load_config
+    from lomdm_dist.parallel.runtime import ProcessEnv
 
     assert ProcessEnv.from_environ({}) == ProcessEnv(0, 1, 0, 1)
     env = ProcessEnv.from_environ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
@@ -374,9 +375,9 @@ def test_process_environment_is_read_and_checked():
         ProcessEnv.from_environ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h"})
     with pytest.raises(ConfigError, match="WORLD_SIZE must be an integer"):
         ProcessEnv.from_environ({"WORLD_SIZE": "two"})
-    assert collective_timeout({"LOMDM_COLLECTIVE_TIMEOUT_S": "30"}).total_seconds() == 30
-    with pytest.raises(ConfigError, match="LOMDM_COLLECTIVE_TIMEOUT_S"):
-        collective_timeout({"LOMDM_COLLECTIVE_TIMEOUT_S": "-1"})
+    assert load_config(None, ["parallel.collective_timeout_s=30"]).parallel.collective_timeout_s == 30.0
+    with pytest.raises(ConfigError, match="parallel.collective_timeout_s must be positive"):
+        load_config(None, ["parallel.collective_timeout_s=-1"])
 
 
 def test_peak_flops_come_from_the_table_only_for_known_gpus_in_bf16():

@@ -40,6 +40,9 @@ class ParallelConfig:
     ``virtual_stages`` stages on each pipeline rank."""
     virtual_stages: int = 1
     """Pipeline stages per pipeline rank (only interleaved_1f1b uses more than 1)."""
+    collective_timeout_s: float = 600.0
+    """Timeout of every collective: a rank that died or hangs brings the others down with an error
+    instead of a silent hang."""
 
     @property
     def dp(self) -> int:

@@ -131,6 +131,8 @@ class TrainConfig:
     """Show a progress bar."""
     threads: int = 0
     """torch CPU threads (0: leave torch's default)."""
+    async_checkpoint: bool = False
+    """On GPU, write checkpoints in the background (Distributed Checkpoint's async save)."""
 
 
 @dataclass
@@ -237,6 +239,8 @@ class Config:
             raise ConfigError(f"eval.t_samples must be positive, got {self.eval.t_samples}")
         if self.eval.max_batches < 0:
             raise ConfigError(f"eval.max_batches must be >= 0, got {self.eval.max_batches}")
+        if self.parallel.collective_timeout_s <= 0:
+            raise ConfigError(f"parallel.collective_timeout_s must be positive, got {self.parallel.collective_timeout_s}")
         if data.source == "shards" and not data.path:
             raise ConfigError("data.path must name a shard manifest when data.source is 'shards'")
         return self

@@ -4,8 +4,8 @@ decisions every rank must take together.
 The environment is torchrun's (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
 ``MASTER_ADDR``, ``MASTER_PORT``), so ``torchrun``, ``launchers/local.py`` and the Slurm launcher
 start the same program. The backend is gloo on CPU and NCCL on GPU (each process on the GPU of its
-``LOCAL_RANK``). Every collective has a timeout (``LOMDM_COLLECTIVE_TIMEOUT_S`` seconds, default
-600): a rank that died or hangs brings the others down with an error instead of a silent hang.
+``LOCAL_RANK``). Every collective has a timeout (``parallel.collective_timeout_s``, default 600 s):
+a rank that died or hangs brings the others down with an error instead of a silent hang.
 
 ``ProcessEnv`` is read before anything heavy happens (a launcher validates with it before it starts
 processes), so torch is imported only by the functions that need it.
@@ -22,9 +22,6 @@ from ..config.schema import ConfigError
 
 if TYPE_CHECKING:
     import torch
-
-TIMEOUT_VARIABLE = "LOMDM_COLLECTIVE_TIMEOUT_S"
-DEFAULT_TIMEOUT_S = 600.0
 
 
 def _int_variable(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -71,18 +68,6 @@ class ProcessEnv:
         return self.world_size > 1
 
 
-def collective_timeout(environ: Mapping[str, str] | None = None) -> timedelta:
-    environ = os.environ if environ is None else environ
-    raw = environ.get(TIMEOUT_VARIABLE, "")
-    try:
-        seconds = float(raw) if raw else DEFAULT_TIMEOUT_S
-    except ValueError:
-        raise ConfigError(f"environment variable {TIMEOUT_VARIABLE} must be a number of seconds, got {raw!r}") from None
-    if seconds <= 0:
-        raise ConfigError(f"environment variable {TIMEOUT_VARIABLE} must be positive, got {raw!r}")
-    return timedelta(seconds=seconds)
-
-
 def process_device(env: ProcessEnv, requested: str) -> "torch.device":
     """The device of this process for ``train.device`` (auto, cpu, cuda): ``cuda:LOCAL_RANK`` on GPU."""
     import torch
@@ -100,7 +85,7 @@ def process_device(env: ProcessEnv, requested: str) -> "torch.device":
     return torch.device(requested)
 
 
-def init_process_group(env: ProcessEnv, device: "torch.device") -> bool:
+def init_process_group(env: ProcessEnv, device: "torch.device", *, timeout_s: float) -> bool:
     """Start the default process group for a multi-process job; returns whether it started one
     (False for one process, or when the caller had already started it)."""
     import torch.distributed as dist
@@ -109,7 +94,7 @@ def init_process_group(env: ProcessEnv, device: "torch.device") -> bool:
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=collective_timeout(),
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s),
                             **kwargs)
     return True
 

@@ -3,7 +3,7 @@
 Set-up, on every rank: torchrun's environment says who this process is; the layout is validated
 against the world size *before* any process group starts (a bad layout is a config error naming
 the keys); the process group starts (gloo on CPU, NCCL on GPU, collective timeout from
-``LOMDM_COLLECTIVE_TIMEOUT_S``); the model is built under the same seed on every rank and laid out
+``parallel.collective_timeout_s``); the model is built under the same seed on every rank and laid out
 on the mesh (``parallelize_model``: each rank cuts its shard out of the same full copy); dropout
 is seeded per rank; AdamW and the EMA hold this rank's part; the newest complete checkpoint is
 loaded, whatever layout wrote it. One process is the same code with ``mesh = None``.
@@ -45,7 +45,6 @@ from .ema import EMA
 from .metrics import MetricsLogger, print0, throughput
 from .optimizer import build_optimizer, set_learning_rate
 
-ASYNC_CHECKPOINT_VARIABLE = "LOMDM_ASYNC_CHECKPOINT"
 """Set to 1 to write scheduled checkpoints in the background on GPU (the final one is always synchronous)."""
 
 
@@ -82,7 +81,7 @@ class Trainer:
         self.autocast_dtype = resolve_autocast(cfg.train.precision, self.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self._owns_group = init_process_group(self.env, self.device)
+        self._owns_group = init_process_group(self.env, self.device, timeout_s=cfg.parallel.collective_timeout_s)
         self._build()
 
     def _build(self) -> None:
@@ -110,7 +109,7 @@ class Trainer:
         self.last_eval: dict | None = None
         self._pending: PendingCheckpoint | None = None
         self._inference: torch.nn.Module | None = None
-        self.async_checkpoints = self.device.type == "cuda" and os.environ.get(ASYNC_CHECKPOINT_VARIABLE) == "1"
+        self.async_checkpoints = self.device.type == "cuda" and cfg.train.async_checkpoint
         self.peak_flops = device_peak_flops(
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
             "bf16" if self.autocast_dtype == torch.bfloat16 else None)
