@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg, args: argparse.Namespace, rows: int) -> int:
     env = ProcessEnv.from_environ()
     device = process_device(env, cfg.train.device)
-    init_process_group(env, device)
+    init_process_group(env, device, timeout_s=cfg.parallel.collective_timeout_s)
     mesh = build_mesh(cfg, env.world_size)
     lomdm = StepRunner(cfg, "lomdm", rows, args.vocab, device, mesh)
     mdlm = StepRunner(cfg, "mdlm", 2 * rows, args.vocab, device, mesh)
