@@ -33,12 +33,14 @@ from lomdm_dist.train.optimizer import build_optimizer  # noqa: E402
 
 pytestmark = pytest.mark.dist
 
-# LAYOUT-SCHEDULER[-STEPS]: five updates by default, one where a step-0 check is enough.
-TWO_RANKS = ["tp2-lomdm", "tp2-mdlm", "tp2sp-lomdm", "tp2sp-mdlm", "fsdp2-lomdm", "fsdp2-mdlm",
-             "pp2-lomdm", "pp2-mdlm", "ddp2-lomdm-1", "pp2gpipe-mdlm-1", "pp2i-lomdm-1", "tp2ac-lomdm-1",
-             "pp2ac-lomdm-1", "tp2-poly-1", "tp2-arm-1", "tp2-block-1"]
-FOUR_RANKS = ["tp2pp2-lomdm", "tp2pp2-mdlm", "tp2pp2sp-lomdm-1", "tp2fsdp2-lomdm-1", "pp2fsdp2-lomdm-1",
-              "tp2pp2-block-1"]
+# LAYOUT-SCHEDULER[-STEPS]: five updates by default, one where a step-0 check is enough. The four
+# layouts the engine must get right (TP=2, PP=2, FSDP dp_shard=2, TP=2 x PP=2) run every scheduler family.
+FAMILIES = ["lomdm", "mdlm", "poly", "arm", "block"]
+TWO_RANKS = ([f"{layout}-{family}" for layout in ("tp2", "pp2", "fsdp2") for family in FAMILIES]
+             + ["tp2sp-lomdm", "tp2sp-mdlm", "ddp2-lomdm-1", "pp2gpipe-mdlm-1", "pp2i-lomdm-1", "tp2ac-lomdm-1",
+                "pp2ac-lomdm-1"])
+FOUR_RANKS = [f"tp2pp2-{family}" for family in FAMILIES] + ["tp2pp2sp-lomdm-1", "tp2fsdp2-lomdm-1",
+                                                             "pp2fsdp2-lomdm-1"]
 
 REL_LOSS = 1e-5
 REL_GRAD = 2e-5
