@@ -6,6 +6,7 @@ Triton kernels run under the interpreter on machines without CUDA; the variable 
 
 import os
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def gen(request):
+    """A torch.Generator seeded from the test's own id: fresh inputs per case, reproducible per test."""
+    import torch
+
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))

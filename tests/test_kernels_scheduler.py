@@ -6,7 +6,6 @@ reference in float64, values and gradients, with padding and all/no-masked rows.
 from __future__ import annotations
 
 import math
-import zlib
 
 import mpmath
 import pytest
@@ -18,6 +17,8 @@ from kernels import _tl_math, dispatch
 from kernels.dispatch import poison_outputs
 from kernels.scheduler import lomdm_schedule, lomdm_schedule_reference, log1mexp
 
+from helpers_kernels import rel_err
+
 C1, C2 = 0.7, 0.65
 # Triton runs on CUDA where there is one, else on CPU under the interpreter (tests/conftest.py).
 TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -25,18 +26,6 @@ CPU = torch.device("cpu")
 mpmath.mp.dps = 40
 
 
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    """A generator seeded from the test's own name: fresh inputs per case, reproducible per test."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got - want| / max |want|; NaN anywhere fails."""
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    assert not torch.isnan(got).any(), "result holds NaN"
-    scale = want.abs().max().item()
-    return (got - want).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
 def naive_schedule(g, t, valid, c1, c2, masks, k_min):

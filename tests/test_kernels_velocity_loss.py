@@ -9,7 +9,6 @@ logits, nll + log(A / A_hat) for A, 1 - A / A_hat for A_hat.
 from __future__ import annotations
 
 import math
-import zlib
 
 import numpy as np
 import pytest
@@ -20,24 +19,14 @@ from kernels.dispatch import poison_outputs
 from kernels.velocity_loss import (VocabPartials, combine_vocab_parallel, rescale_sumexp, velocity_loss,
                                    velocity_loss_reference, vocab_parallel_partials)
 
+from helpers_kernels import rel_err
+
 # Triton runs on CUDA where there is one, else on CPU under the interpreter (tests/conftest.py).
 TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FP32_TOL = 1e-5   # relative, fp32 results from fp32 inputs
 BF16_TOL = 1e-2   # relative, results whose gradient is stored in bf16 (one rounding: ~4e-3)
 
 
-@pytest.fixture
-def gen(request) -> torch.Generator:
-    """A generator seeded from the test's own name: fresh inputs per case, reproducible per test."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got - want| / max |want| (both finite); NaN anywhere fails."""
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    assert not torch.isnan(got).any(), "result holds NaN"
-    scale = want.abs().max().item()
-    return (got - want).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
 def make_inputs(gen: torch.Generator, n: int, v: int, *, mask_frac: float = 0.5, scale: float = 3.0,
