@@ -168,3 +168,10 @@ def test_checkpoint_from_tp2_pp2_loads_into_one_process(four_rank_results):
     ema.num_updates = loaded.step
     loss = single_process_steps(cfg, model, optimizer, ema, range(4, 5))[0]
     assert loss == pytest.approx(ck["loss_after_save"], rel=REL_LOSS)
+
+
+def test_no_collective_is_left_unwaited(two_rank_results, four_rank_results):
+    """Every functional collective a step starts is waited on (an AsyncCollectiveTensor that is only
+    inspected for its dtype, for instance, would leave its all-reduce pending until exit)."""
+    for results in (*two_rank_results, *four_rank_results[0]):
+        assert results["pending_collectives"] == 0

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
@@ -122,6 +123,17 @@ class StageModule(nn.Module):
         return h, c
 
 
+def completed(tensor: Tensor) -> Tensor:
+    """``tensor`` with its pending functional collective (if any) waited for.
+
+    A tensor-parallel module's output can be an ``AsyncCollectiveTensor`` whose all-reduce or
+    reduce-scatter is waited for only when an operation reads its values. Metadata (dtype, shape)
+    does not count, so a tensor inspected only for its metadata would leave its collective
+    registered until the process ends, and c10d warns about it at exit.
+    """
+    return tensor.wait() if isinstance(tensor, AsyncCollectiveTensor) else tensor
+
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _STAT_KEYS_LEARNED = ("k_phi_mean", "k_phi_std", "k_hat_mean")
 _STAT_KEYS = ("masked_fraction", "t_mean")
@@ -183,8 +195,8 @@ class PipelineRunner:
                 backbone = self.model.backbone
                 with torch.no_grad():
                     probe = torch.zeros(1, self.sequence_shards, dtype=torch.int64, device=self.device)
-                    h = backbone.embed(probe)
-                    c = backbone.conditioning(1, torch.zeros(1, device=self.device))
+                    h = completed(backbone.embed(probe))
+                    c = completed(backbone.conditioning(1, torch.zeros(1, device=self.device)))
                 codes[0], codes[1] = _DTYPES.index(h.dtype), _DTYPES.index(c.dtype)
             dist.broadcast(codes, src=self.first_rank, group=self.group)
             self._dtypes[key] = (_DTYPES[int(codes[0])], _DTYPES[int(codes[1])])

@@ -12,6 +12,8 @@ from __future__ import annotations
 import sys
 import time
 
+import torch
+
 from parallel_common import finish, init
 
 
@@ -35,6 +37,8 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown task {task!r}")
         results["timings"][task] = time.perf_counter() - start
+    # functional collectives started but never waited on (torch warns about them at exit)
+    results["pending_collectives"] = torch._C._distributed_c10d._get_work_registry_size()
     finish(out_dir, results)
 
 
