@@ -66,7 +66,7 @@ def test_invalid_values_name_the_key():
         load_config(None, ["diffusion.scheduler=block", "diffusion.block_size=5", "data.seq_len=64"])
 
 
-def test_overrides_are_typed_and_saved(tmp_path, corpus_cache):
+def test_overrides_are_typed():
     cfg = load_config(ROOT / "configs/smoke.yaml", ["train.max_steps=7", "optim.betas=[0.9, 0.98]"])
     assert cfg.train.max_steps == 7 and cfg.optim.betas == (0.9, 0.98) and isinstance(cfg.optim.lr, float)
 

@@ -22,6 +22,8 @@ from typing import Callable, Iterable
 import torch
 from tqdm import tqdm
 
+from data_pipeline.reader import valid_mask
+
 from ..config import DiffusionConfig
 from ..diffusion import randomness
 from ..diffusion.objective import diffusion_loss
@@ -74,7 +76,7 @@ def validation_nelbo(model, scheduler: Scheduler, batches: Iterable[torch.Tensor
         for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
             batch = batch.to(device)
             size = batch.shape[0]
-            valid = (batch != pad_id) if pad_id is not None else torch.ones_like(batch, dtype=torch.bool)
+            valid = valid_mask(batch, pad_id)
             batch, valid = _padded(batch, valid, split.multiple)
             rows = split.rows(batch.shape[0]).to(device)
             x, valid = batch[rows], valid[rows]

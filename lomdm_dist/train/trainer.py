@@ -29,7 +29,10 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from data_pipeline.reader import valid_mask
+
 from ..config import Config, config_to_dict, save_config
+from ..diffusion.objective import clean_features, draw_exponents
 from ..diffusion.randomness import scalar_key
 from ..diffusion.schedulers import build_scheduler
 from ..model import build_model
@@ -205,7 +208,7 @@ class Trainer:
 
     def compute_loss(self, x: torch.Tensor):
         """Forward and backward on this rank's rows ``x``: gradients accumulated, values detached."""
-        valid = (x != self.data.pad_id) if self.data.pad_id is not None else None
+        valid = valid_mask(x, self.data.pad_id)
         with self._autocast():
             return forward_backward(self.pm, self.scheduler, x, cfg=self.cfg.diffusion, seed=self.cfg.train.seed,
                                     step=self.step, rows=self.rows, global_batch=self.cfg.data.batch_size,
@@ -288,24 +291,19 @@ class Trainer:
     def _log_priorities(self, model: torch.nn.Module, rows: int = 8) -> None:
         """Histogram of the learned exponents k_phi and an image of them per position (rows x L) for
         a few validation rows: where the model puts its generation priority."""
-        from kernels.scheduler import lomdm_schedule
-
         x = next(iter(self.data.eval_batches(max_batches=1)), None)
         if x is None or x.shape[0] == 0:
             return
         x = x[:rows].to(self.device)
-        valid = (x != self.data.pad_id) if self.data.pad_id is not None else torch.ones_like(x, dtype=torch.bool)
-        backbone = model.backbone
+        valid = valid_mask(x, self.data.pad_id)
+        t = torch.full((x.shape[0],), 0.5, device=self.device)   # the exponents do not depend on t
         was_training = model.training
         model.eval()
         try:
             with self._autocast():
-                c = backbone.conditioning(x.shape[0], torch.zeros(x.shape[0], device=self.device)
-                                          if backbone.time_conditioning else None)
-                g = model.phi(backbone.features(x, c), c).float()
-            t = torch.full((x.shape[0],), 0.5, device=self.device)
-            k = lomdm_schedule(g, t, valid, self.cfg.diffusion.c1, self.cfg.diffusion.c2,
-                               k_min=self.cfg.diffusion.k_min).k
+                h, c = clean_features(model, x, t)
+                g = model.phi(h, c).float()
+            k = draw_exponents(g, t, valid, self.cfg.diffusion)
         finally:
             model.train(was_training)
         self.metrics.histogram("k_phi", k[valid], self.step)
