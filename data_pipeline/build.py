@@ -17,7 +17,7 @@ from data_pipeline.builder import DEFAULT_PART_BYTES, DEFAULT_ROWS_PER_SHARD, Bu
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import read_manifest
 from data_pipeline.packing import PACKINGS
-from data_pipeline.sources import SourceSpec, gensim_wikipedia_excerpt
+from data_pipeline.sources import DETOKENIZERS, SourceSpec, gensim_wikipedia_excerpt
 
 RECIPES: dict[str, dict] = {
     # MDLM's OpenWebText: GPT-2, length 1024, wrapped, the last 100,000 documents as validation.
@@ -33,10 +33,43 @@ RECIPES: dict[str, dict] = {
 }
 
 
+DESCRIPTION = """\
+Build tokenised, packed webdataset shards for training: OUT/train/ and, with a validation split,
+OUT/val/, each holding shard-NNNNNN.tar files and manifest.json (train with data.source=shards
+data.path=OUT/train/manifest.json). --recipe fills in an MDLM recipe's settings; explicit flags
+override them. The build runs on --workers processes, resumes after an interruption, and gives
+byte-identical shards when run again with the same settings."""
+
+EPILOG = """\
+examples:
+  python -m data_pipeline.build --recipe owt --out data/owt --workers 16
+  python -m data_pipeline.build --source jsonl --input 'owt/*.jsonl' --tokenizer gpt2 --seq-len 1024 \\
+      --val-docs 100000 --out data/owt
+  python -m data_pipeline.build --recipe lm1b-pad --out data/lm1b"""
+
+
+_DETOKENIZER_NAMES = ("none", *(name for name in DETOKENIZERS if name))
+
+
+def _detokenize_choice(value: str) -> str:
+    """``--detokenize`` value: ``none`` (or empty) means no detokeniser."""
+    if value in ("", "none"):
+        return ""
+    if value not in _DETOKENIZER_NAMES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(_DETOKENIZER_NAMES)})")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_pipeline.build", description=__doc__.split("\n")[0])
-    p.add_argument("--recipe", choices=sorted(RECIPES), help="MDLM recipe defaults; explicit flags win")
-    p.add_argument("--source", choices=["text", "jsonl", "parquet", "hf", "wikipedia"])
+    p = argparse.ArgumentParser(prog="python -m data_pipeline.build", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="MDLM recipe defaults (owt: OpenWebText, GPT-2, length 1024; lm1b-wrap / lm1b-pad: LM1B, "
+                        "bert-base-uncased, length 128, packed or padded; wikipedia: the bundled excerpt); "
+                        "explicit flags win")
+    p.add_argument("--source", choices=["text", "jsonl", "parquet", "hf", "wikipedia"],
+                   help="kind of input: plain text files, jsonl, parquet, a Hugging Face dataset (hf) or a "
+                        "MediaWiki .xml(.bz2) dump (wikipedia; without --input, the excerpt gensim ships)")
     p.add_argument("--input", nargs="+", help="files, directories or globs (hf: dataset names)")
     p.add_argument("--val-input", nargs="+", help="a separate validation input (same source kind)")
     p.add_argument("--text-field", default=None, help="jsonl field / parquet or hf column (default: text)")
@@ -44,19 +77,30 @@ def _parser() -> argparse.ArgumentParser:
                    help="plain text: one document per file, line or paragraph (default: file)")
     p.add_argument("--hf-split", default=None, help="hf: training split (default: train)")
     p.add_argument("--hf-val-split", default=None, help="hf: validation split, e.g. test")
-    p.add_argument("--detokenize", choices=["", "lm1b"], default=None)
+    p.add_argument("--detokenize", type=_detokenize_choice, default=None,
+                   metavar="{" + ",".join(_DETOKENIZER_NAMES) + "}",
+                   help="undo the input's own word tokenisation first: lm1b removes the spaces LM1B puts around "
+                        "punctuation, quotes and brackets, as MDLM does (default: none)")
     p.add_argument("--tokenizer", default=None, help="gpt2, bert-base-uncased, or a sentencepiece .model")
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--packing", choices=list(PACKINGS), default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--val-docs", type=int, default=None)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD)
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per row, BOS and EOS included; the trainer's data.seq_len must match")
+    p.add_argument("--packing", choices=list(PACKINGS), default=None,
+                   help="wrap: documents joined with EOS and cut into full rows; pad: one document per row, "
+                        "truncated or padded to --seq-len (default: wrap)")
+    p.add_argument("--out", required=True, help="output directory (train/ and val/ are created in it)")
+    p.add_argument("--val-docs", type=int, default=None,
+                   help="hold out the last N documents of the input as the validation split (default: the "
+                        "recipe's, else 0: no validation split unless --val-input or --hf-val-split names one)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes that clean, tokenise and write (default: the CPU count); the shards do "
+                        "not depend on it")
+    p.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD,
+                   help=f"rows in each shard file (default: {DEFAULT_ROWS_PER_SHARD}; changes the build settings)")
     p.add_argument("--part-mb", type=float, default=DEFAULT_PART_BYTES / (1 << 20),
-                   help="raw text per tokenisation task (changes the build settings)")
+                   help="MB of raw text per tokenisation task (default: %(default)g; changes the build settings)")
     p.add_argument("--overwrite", action="store_true", help="discard a build with other settings in --out")
     p.add_argument("--keep-work", action="store_true", help="keep the tokenised parts afterwards")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and batch jobs)")
     return p
 
 

@@ -11,6 +11,14 @@ Two resumable phases, both spread over ``--workers`` processes:
    row range are fixed.  A worker assembles a shard's rows straight from the parts and writes the
    tar atomically; a resumed build skips shards that exist and pass the layout check.
 
+Repeated text is read once.  Input files are identified by their real path (a symbolic link next
+to its target is skipped, see ``sources.input_files``), and with ``dedup`` (the default) a raw
+document whose exact text an earlier document of the same input stream already had is skipped in
+the parent, before the cut into parts and so before the train/validation split: the same document
+can no longer sit in both splits.  Both counts are logged and recorded in each split's manifest
+(``duplicate_files_skipped``, ``duplicate_documents_skipped``).  The decision depends only on the
+documents and their order, so builds stay byte-identical whatever the worker count, and resumable.
+
 The manifests are written last, so a split with a manifest is complete.  Everything that shapes the
 bytes (inputs, tokenizer fingerprint, sequence length, packing, validation split, shard size) is in
 ``build.json``'s settings; resuming into a directory built with other settings is refused, naming the
@@ -24,6 +32,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import hashlib
 import json
 import multiprocessing
 import os
@@ -43,7 +52,7 @@ from data_pipeline.manifest import (BUILD_VERSION, MANIFEST_FORMAT, read_manifes
 from data_pipeline.packing import (PACKINGS, check_seq_len, join_with_eos, pad_rows, token_dtype, wrap_rows,
                                    wrapped_row_count)
 from data_pipeline.shards import ShardFile, write_shard
-from data_pipeline.sources import SourceSpec, clean_document, iter_raw_documents, resolve_inputs
+from data_pipeline.sources import SourceSpec, clean_document, input_files, iter_raw_documents
 from data_pipeline.tokenizers import get_tokenizer
 
 DEFAULT_ROWS_PER_SHARD = 16384
@@ -69,6 +78,10 @@ class BuildConfig:
     progress: bool = True
     keep_work: bool = False
     """Keep the tokenised parts after a successful build (they allow re-sharding without re-tokenising)."""
+    dedup: bool = True
+    """Skip a raw document whose exact text (blake2b digest) an earlier document of the same input
+    stream had, so no document is trained on twice or validated on after being trained on.  The
+    parent holds one 16-byte digest per document (about 100 bytes each in a Python set)."""
 
     def __post_init__(self) -> None:
         check_seq_len(self.seq_len)
@@ -88,8 +101,7 @@ def _source_settings(source: Optional[SourceSpec]) -> Optional[dict]:
         return None
     settings = dataclasses.asdict(source)
     if source.kind != "hf":
-        settings["files"] = [[str(p.resolve()), p.stat().st_size]
-                             for spec in source.inputs for p in resolve_inputs(spec)]
+        settings["files"] = [[str(p.resolve()), p.stat().st_size] for p in input_files(source)[0]]
     return settings
 
 
@@ -99,7 +111,7 @@ def build_settings(cfg: BuildConfig) -> dict:
             "val_source": _source_settings(cfg.val_source),
             "tokenizer": {"name": cfg.tokenizer, "fingerprint": tok.fingerprint},
             "seq_len": cfg.seq_len, "packing": cfg.packing, "val_docs": cfg.val_docs,
-            "rows_per_shard": cfg.rows_per_shard, "part_bytes": cfg.part_bytes}
+            "rows_per_shard": cfg.rows_per_shard, "part_bytes": cfg.part_bytes, "dedup": cfg.dedup}
 
 
 # ----------------------------------------------------------------------------------- phase 1
@@ -112,6 +124,8 @@ class PartInfo:
     tokens: int
     dropped: int = 0
     """Raw documents cleaning rejected (empty, redirects, stubs): counted, never silently lost."""
+    duplicates: int = 0
+    """Raw documents skipped while this part was filled because an earlier one had the same text."""
 
 
 def _part_path(work: Path, index: int) -> Path:
@@ -119,7 +133,7 @@ def _part_path(work: Path, index: int) -> Path:
 
 
 def _tokenize_part(work: str, index: int, source: SourceSpec, tokenizer_name: str,
-                   raw_docs: list[str]) -> PartInfo:
+                   raw_docs: list[str], duplicates: int = 0) -> PartInfo:
     """Worker: clean, tokenise and store one part (token ids and per-document lengths)."""
     tok = get_tokenizer(tokenizer_name)
     texts = [t for t in (clean_document(source, raw) for raw in raw_docs) if t is not None]
@@ -132,7 +146,7 @@ def _tokenize_part(work: str, index: int, source: SourceSpec, tokenizer_name: st
     with open(tmp, "wb") as handle:
         np.savez(handle, tokens=tokens, lengths=lengths, dropped=np.int64(len(raw_docs) - len(texts)))
     os.replace(tmp, path)
-    return PartInfo(index, len(lengths), int(lengths.sum()), len(raw_docs) - len(texts))
+    return PartInfo(index, len(lengths), int(lengths.sum()), len(raw_docs) - len(texts), duplicates)
 
 
 def _read_part_info(work: Path, index: int) -> PartInfo:
@@ -141,17 +155,37 @@ def _read_part_info(work: Path, index: int) -> PartInfo:
         return PartInfo(index, len(lengths), int(lengths.sum()), int(part["dropped"]))
 
 
-def _iter_part_texts(source: SourceSpec, part_bytes: int) -> Iterator[list[str]]:
+def _document_digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _iter_part_texts(source: SourceSpec, part_bytes: int, dedup: bool = True) -> Iterator[tuple[list[str], int]]:
+    """Raw documents cut into parts of about ``part_bytes``; each part with the number of repeated
+    documents skipped after its first document (``dedup``: the first occurrence is kept).  A full
+    part is held back until the next kept document, so repeats at the end of the input are counted
+    in the last part."""
     batch: list[str] = []
-    size = 0
+    size = duplicates = 0
+    full: Optional[tuple[list[str], int]] = None
+    seen: set[bytes] = set()
     for raw in iter_raw_documents(source):
+        if dedup:
+            digest = _document_digest(raw)
+            if digest in seen:
+                duplicates += 1
+                continue
+            seen.add(digest)
+        if full is not None:
+            yield full
+            full = None
         batch.append(raw)
         size += len(raw)
         if size >= part_bytes:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+            full, batch, size, duplicates = (batch, duplicates), [], 0, 0
+    if full is not None:
+        yield full[0], full[1] + duplicates
+    elif batch:
+        yield batch, duplicates
 
 
 class _Runner:
@@ -203,12 +237,12 @@ def _tokenize_stream(cfg: BuildConfig, source: SourceSpec, work: Path, runner: _
     bar = tqdm(desc=f"tokenise {work.name}", unit="doc", disable=not cfg.progress, file=sys.stderr)
 
     def tasks() -> Iterator[tuple]:
-        for index, texts in enumerate(_iter_part_texts(source, cfg.part_bytes)):
+        for index, (texts, duplicates) in enumerate(_iter_part_texts(source, cfg.part_bytes, cfg.dedup)):
             if _part_path(work, index).is_file():
-                infos[index] = _read_part_info(work, index)
+                infos[index] = dataclasses.replace(_read_part_info(work, index), duplicates=duplicates)
                 bar.update(infos[index].docs)
                 continue
-            yield (str(work), index, source, cfg.tokenizer, texts)
+            yield (str(work), index, source, cfg.tokenizer, texts, duplicates)
 
     def done(info: PartInfo) -> None:
         infos[info.index] = info
@@ -461,13 +495,22 @@ def _build_locked(cfg: BuildConfig, out: Path, tok, settings: dict, digest: str,
         split_docs["val"] = SplitDocs(val_work, val_parts, 0, sum(p.docs for p in val_parts), tok.eos)
     manifests = {}
     for split, docs in split_docs.items():
-        source = settings["val_source"] if split == "val" and cfg.val_source else settings["source"]
-        manifests[split] = _write_split(cfg, out, split, docs, tok, source, digest, runner)
+        separate = split == "val" and cfg.val_source is not None
+        source = settings["val_source"] if separate else settings["source"]
+        spec = cfg.val_source if separate else cfg.source
+        repeated_files = input_files(spec)[1] if spec.kind != "hf" else 0
+        manifests[split] = _write_split(cfg, out, split, docs, tok, source, digest, runner, repeated_files)
+        repeated_docs = sum(p.duplicates for p in docs.parts)
+        if (split == "train" or separate) and (repeated_files or repeated_docs):
+            # said even without progress output: the input held the same text more than once
+            said = [f"{repeated_files} repeated file names (links to a file already read)"] if repeated_files else []
+            said += [f"{repeated_docs} documents whose exact text an earlier document had"] if repeated_docs else []
+            print(f"{'validation' if separate else 'input'}: skipped {' and '.join(said)}", file=sys.stderr)
     return manifests
 
 
 def _write_split(cfg: BuildConfig, out: Path, split: str, docs: SplitDocs, tok, source: dict, digest: str,
-                 runner: _Runner) -> str:
+                 runner: _Runner, repeated_files: int = 0) -> str:
     """Phase 2 for one split: write the missing shards, then the manifest; returns its path."""
     dtype = token_dtype(tok.vocab_size)
     (out / split).mkdir(parents=True, exist_ok=True)
@@ -510,6 +553,10 @@ def _write_split(cfg: BuildConfig, out: Path, split: str, docs: SplitDocs, tok, 
         # by truncation, and the input documents cleaning rejected (for the whole input stream).
         "dropped_tokens": dropped_tokens,
         "input_documents_dropped": sum(p.dropped for p in docs.parts),
+        # Repeats read once (whole input stream): names of a file already read (symbolic links,
+        # overlapping inputs) and documents whose text an earlier document had.
+        "duplicate_files_skipped": repeated_files,
+        "duplicate_documents_skipped": sum(p.duplicates for p in docs.parts),
         "build_settings_digest": digest,
         "shards": [entries[t.index] for t in plan],
     }

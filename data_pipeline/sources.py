@@ -17,6 +17,12 @@ Sources (``SourceSpec.kind``):
 * ``wikipedia``: MediaWiki XML dumps (``.xml.bz2`` or ``.xml``), pages of namespace 0, markup
   removed with gensim's ``filter_wiki``; redirects and pages under 50 words (gensim's
   ``ARTICLE_MIN_WORDS``) are dropped.
+
+Every file is read once, however many names reach it: inputs are identified by their real path
+(``os.path.realpath``), so a symbolic link next to its target, or a directory and a glob that
+overlap, do not put the same text into the build twice (where it could land in both the training
+and the validation split).  Repeated documents with different file names are the builder's job
+(it skips documents by content hash).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import gzip
 import io
 import json
 import lzma
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +82,23 @@ def resolve_inputs(spec: str) -> list[Path]:
     if not files:
         raise DataError(f"input {spec!r}: no such file, or no files in that directory or glob")
     return files
+
+
+def input_files(source: SourceSpec) -> tuple[list[Path], int]:
+    """The files of a file-based source in reading order, each real file once, and how many
+    repeated names (symbolic links to a file already listed, overlapping inputs) were skipped."""
+    files: list[Path] = []
+    seen: set[str] = set()
+    repeats = 0
+    for spec in source.inputs:
+        for path in resolve_inputs(spec):
+            real = os.path.realpath(path)
+            if real in seen:
+                repeats += 1
+                continue
+            seen.add(real)
+            files.append(path)
+    return files, repeats
 
 
 def _open_binary(path: Path) -> IO[bytes]:
@@ -174,21 +198,21 @@ def _iter_wikipedia_raw(path: Path) -> Iterator[str]:
 
 
 def iter_raw_documents(source: SourceSpec) -> Iterator[str]:
-    """Raw documents in a deterministic order (inputs in order, files sorted within each)."""
+    """Raw documents in a deterministic order (inputs in order, files sorted within each, every
+    real file once: see ``input_files``)."""
     if source.kind == "hf":
         for name in source.inputs:
             yield from _iter_hf(name, source.hf_split, source.text_field)
         return
-    for spec in source.inputs:
-        for path in resolve_inputs(spec):
-            if source.kind == "text":
-                yield from _iter_text(path, source.doc_split)
-            elif source.kind == "jsonl":
-                yield from _iter_jsonl(path, source.text_field)
-            elif source.kind == "parquet":
-                yield from _iter_parquet(path, source.text_field)
-            else:
-                yield from _iter_wikipedia_raw(path)
+    for path in input_files(source)[0]:
+        if source.kind == "text":
+            yield from _iter_text(path, source.doc_split)
+        elif source.kind == "jsonl":
+            yield from _iter_jsonl(path, source.text_field)
+        elif source.kind == "parquet":
+            yield from _iter_parquet(path, source.text_field)
+        else:
+            yield from _iter_wikipedia_raw(path)
 
 
 _WIKI_BOLD_ITALIC = re.compile(r"'{2,}")

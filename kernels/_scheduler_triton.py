@@ -1,7 +1,8 @@
 """Triton kernels for the LoMDM forward scheduler: NormSig exponents, alpha, velocity and log q.
 
 One program handles one sequence row. The forward first sums sigmoid(g) over the row's valid
-positions (NormSig's mean), then writes k, alpha = 1 - t^k and velocity = k / t, then accumulates
+positions (NormSig's mean), then writes k, alpha = 1 - t^k and velocity = k / t (from log t and 1/t,
+formed per row on the host in float64), then accumulates
 log q for each of the K masks. The backward recomputes the same quantities, first to sum the
 row's dL/dk (the mean couples every position), then to write dL/dg. Everything is recomputed from
 g rather than stored: the row is tiny next to the logits, and the kernel is bound by launches and
@@ -68,21 +69,15 @@ def _sigmoid_mean(g_row_ptr, valid_row_ptr, seq_len, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _log_time(t):
-    """log t, accurate also for t just below 1 (t - 1 is exact there)."""
-    return _tl_math.log1p(t - 1.0)
-
-
-@triton.jit
-def _schedule_fwd_kernel(g_ptr, valid_ptr, t_ptr, masks_ptr, k_ptr, alpha_ptr, velocity_ptr, log_q_ptr, mean_ptr,
+def _schedule_fwd_kernel(g_ptr, valid_ptr, log_t_ptr, inv_t_ptr, masks_ptr, k_ptr, alpha_ptr, velocity_ptr, log_q_ptr, mean_ptr,
                          seq_len, n_rows, n_masks, stride_g, stride_valid, stride_mask_k, stride_mask_b, stride_out,
                          c1, c2, k_min, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     g_row = g_ptr + row * stride_g
     valid_row = valid_ptr + row * stride_valid
-    t = tl.load(t_ptr + row)
-    log_t = _log_time(t)
+    log_t = tl.load(log_t_ptr + row)
+    inv_t = tl.load(inv_t_ptr + row)
     mean = _sigmoid_mean(g_row, valid_row, seq_len, BLOCK)
     tl.store(mean_ptr + row, mean)
     for start in range(0, seq_len, BLOCK):
@@ -91,7 +86,7 @@ def _schedule_fwd_kernel(g_ptr, valid_ptr, t_ptr, masks_ptr, k_ptr, alpha_ptr, v
         in_row = cols < seq_len
         tl.store(k_ptr + row * stride_out + cols, k, mask=in_row)
         tl.store(alpha_ptr + row * stride_out + cols, _tl_math.neg_expm1(k * log_t), mask=in_row)
-        tl.store(velocity_ptr + row * stride_out + cols, k / t, mask=in_row)
+        tl.store(velocity_ptr + row * stride_out + cols, k * inv_t, mask=in_row)
     for j in range(0, n_masks):
         mask_row = masks_ptr + j * stride_mask_k + row * stride_mask_b
         log_q = tl.zeros([], tl.float32)
@@ -107,7 +102,7 @@ def _schedule_fwd_kernel(g_ptr, valid_ptr, t_ptr, masks_ptr, k_ptr, alpha_ptr, v
 
 
 @triton.jit
-def _dloss_dk(g_row, valid_row, cols, seq_len, mean, c1, c2, k_min, t, log_t, row, n_rows, n_masks,
+def _dloss_dk(g_row, valid_row, cols, seq_len, mean, c1, c2, k_min, inv_t, log_t, row, n_rows, n_masks,
               gk_row, ga_row, gv_row, masks_ptr, stride_mask_k, stride_mask_b, g_log_q_ptr,
               HAS_GK: tl.constexpr, HAS_GA: tl.constexpr, HAS_GV: tl.constexpr, HAS_GQ: tl.constexpr):
     """dL/dk_raw at ``cols`` (zero at padding and where the clamp at k_min is active)."""
@@ -121,7 +116,7 @@ def _dloss_dk(g_row, valid_row, cols, seq_len, mean, c1, c2, k_min, t, log_t, ro
         # d(1 - t^k)/dk = -t^k log t
         dk += tl.load(ga_row + cols, mask=in_row, other=0.0) * (-tl.exp(x) * log_t)
     if HAS_GV:
-        dk += tl.load(gv_row + cols, mask=in_row, other=0.0) / t
+        dk += tl.load(gv_row + cols, mask=in_row, other=0.0) * inv_t
     if HAS_GQ:
         # d log(1 - t^k)/dk = -log t * t^k / (1 - t^k) = -log t * exp(x - log(1 - e^x)); 0 at t = 1,
         # where log(1 - t^k) is -inf and has no useful gradient (the reference agrees).
@@ -135,7 +130,7 @@ def _dloss_dk(g_row, valid_row, cols, seq_len, mean, c1, c2, k_min, t, log_t, ro
 
 
 @triton.jit
-def _schedule_bwd_kernel(g_ptr, valid_ptr, t_ptr, masks_ptr, mean_ptr, gk_ptr, ga_ptr, gv_ptr, g_log_q_ptr,
+def _schedule_bwd_kernel(g_ptr, valid_ptr, log_t_ptr, inv_t_ptr, masks_ptr, mean_ptr, gk_ptr, ga_ptr, gv_ptr, g_log_q_ptr,
                          grad_g_ptr, seq_len, n_rows, n_masks, stride_g, stride_valid, stride_mask_k, stride_mask_b,
                          stride_grad_out, stride_grad_g, c1, c2, k_min, BLOCK: tl.constexpr,
                          HAS_GK: tl.constexpr, HAS_GA: tl.constexpr, HAS_GV: tl.constexpr, HAS_GQ: tl.constexpr):
@@ -143,8 +138,8 @@ def _schedule_bwd_kernel(g_ptr, valid_ptr, t_ptr, masks_ptr, mean_ptr, gk_ptr, g
     offs = tl.arange(0, BLOCK)
     g_row = g_ptr + row * stride_g
     valid_row = valid_ptr + row * stride_valid
-    t = tl.load(t_ptr + row)
-    log_t = _log_time(t)
+    log_t = tl.load(log_t_ptr + row)
+    inv_t = tl.load(inv_t_ptr + row)
     mean = tl.load(mean_ptr + row)
     gk_row = gk_ptr + row * stride_grad_out
     ga_row = ga_ptr + row * stride_grad_out
@@ -154,7 +149,7 @@ def _schedule_bwd_kernel(g_ptr, valid_ptr, t_ptr, masks_ptr, mean_ptr, gk_ptr, g
     count = tl.zeros([], tl.float32)
     for start in range(0, seq_len, BLOCK):
         cols = start + offs
-        u, sig, valid = _dloss_dk(g_row, valid_row, cols, seq_len, mean, c1, c2, k_min, t, log_t, row, n_rows,
+        u, sig, valid = _dloss_dk(g_row, valid_row, cols, seq_len, mean, c1, c2, k_min, inv_t, log_t, row, n_rows,
                                   n_masks, gk_row, ga_row, gv_row, masks_ptr, stride_mask_k, stride_mask_b,
                                   g_log_q_ptr, HAS_GK, HAS_GA, HAS_GV, HAS_GQ)
         total += tl.sum(u, axis=0)
@@ -163,7 +158,7 @@ def _schedule_bwd_kernel(g_ptr, valid_ptr, t_ptr, masks_ptr, mean_ptr, gk_ptr, g
     # Pass 2: dL/dg_j = c2 * (u_j - [valid_j] * mean(u)) * sigmoid'(g_j).
     for start in range(0, seq_len, BLOCK):
         cols = start + offs
-        u, sig, valid = _dloss_dk(g_row, valid_row, cols, seq_len, mean, c1, c2, k_min, t, log_t, row, n_rows,
+        u, sig, valid = _dloss_dk(g_row, valid_row, cols, seq_len, mean, c1, c2, k_min, inv_t, log_t, row, n_rows,
                                   n_masks, gk_row, ga_row, gv_row, masks_ptr, stride_mask_k, stride_mask_b,
                                   g_log_q_ptr, HAS_GK, HAS_GA, HAS_GV, HAS_GQ)
         grad = c2 * (u - tl.where(valid, mean_u, 0.0)) * sig * (1.0 - sig)
@@ -171,10 +166,11 @@ def _schedule_bwd_kernel(g_ptr, valid_ptr, t_ptr, masks_ptr, mean_ptr, gk_ptr, g
 
 
 class LoMDMScheduleFunction(torch.autograd.Function):
-    """(g, t, valid, masks) -> (k, alpha, velocity, log_q) with Triton forward and backward."""
+    """(g, log_t, inv_t, valid, masks) -> (k, alpha, velocity, log_q) with Triton forward and backward."""
 
     @staticmethod
-    def forward(ctx, g: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, masks: torch.Tensor, c1: float,
+    def forward(ctx, g: torch.Tensor, log_t: torch.Tensor, inv_t: torch.Tensor, valid: torch.Tensor,
+                masks: torch.Tensor, c1: float,
                 c2: float, k_min: float, block: int | None):
         n_rows, seq_len = g.shape
         n_masks = masks.shape[0]
@@ -184,20 +180,20 @@ class LoMDMScheduleFunction(torch.autograd.Function):
         mean = empty_output((n_rows,), torch.float32, g.device)
         if n_rows:
             with quiet_interpreter(g.device):
-                _schedule_fwd_kernel[(n_rows,)](g, valid, t, masks, k, alpha, velocity, log_q, mean, seq_len,
+                _schedule_fwd_kernel[(n_rows,)](g, valid, log_t, inv_t, masks, k, alpha, velocity, log_q, mean, seq_len,
                                                 n_rows, n_masks, g.stride(0), valid.stride(0), masks.stride(0),
                                                 masks.stride(1), k.stride(0), c1, c2, k_min, BLOCK=block_l,
                                                 num_warps=num_warps)
-        ctx.save_for_backward(g, t, valid, masks, mean)
+        ctx.save_for_backward(g, log_t, inv_t, valid, masks, mean)
         ctx.constants = (c1, c2, k_min, block_l, num_warps)
         ctx.set_materialize_grads(False)
         return k, alpha, velocity, log_q
 
     @staticmethod
     def backward(ctx, gk, ga, gv, g_log_q):
-        g, t, valid, masks, mean = ctx.saved_tensors
+        g, log_t, inv_t, valid, masks, mean = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return (None,) * 8
+            return (None,) * 9
         c1, c2, k_min, block_l, num_warps = ctx.constants
         n_rows, seq_len = g.shape
         dense = [None if x is None else x.to(torch.float32).contiguous() for x in (gk, ga, gv, g_log_q)]
@@ -208,12 +204,12 @@ class LoMDMScheduleFunction(torch.autograd.Function):
         if n_rows:
             with quiet_interpreter(g.device):
                 _schedule_bwd_kernel[(n_rows,)](
-                    g, valid, t, masks, mean, gk, ga, gv, g_log_q, grad_g, seq_len, n_rows, masks.shape[0],
+                    g, valid, log_t, inv_t, masks, mean, gk, ga, gv, g_log_q, grad_g, seq_len, n_rows, masks.shape[0],
                     g.stride(0), valid.stride(0), masks.stride(0), masks.stride(1), out_stride, grad_g.stride(0),
                     c1, c2, k_min, BLOCK=block_l, HAS_GK=dense[0] is not None, HAS_GA=dense[1] is not None,
                     HAS_GV=dense[2] is not None, HAS_GQ=dense[3] is not None and masks.shape[0] > 0,
                     num_warps=num_warps)
-        return grad_g, None, None, None, None, None, None, None
+        return grad_g, None, None, None, None, None, None, None, None
 
 
 def lomdm_schedule_triton(g: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, masks: torch.Tensor, c1: float,
@@ -221,5 +217,15 @@ def lomdm_schedule_triton(g: torch.Tensor, t: torch.Tensor, valid: torch.Tensor,
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checked inputs in (valid and masks as uint8 views, masks (K, B, L) with K possibly 0).
 
-    ``block`` overrides the chunk width (tests use it to cover multi-chunk rows)."""
-    return LoMDMScheduleFunction.apply(g, t, valid, masks, float(c1), float(c2), float(k_min), block)
+    log t and 1/t are formed here per row in float64 and handed to the kernel in float32, so a
+    float64 ``t`` below float32's range still gives exact log q (1/t then saturates to inf, which
+    only the velocity output sees). ``block`` overrides the chunk width (tests use it to cover
+    multi-chunk rows)."""
+    log_t, inv_t = row_time_terms(t)
+    return LoMDMScheduleFunction.apply(g, log_t, inv_t, valid, masks, float(c1), float(c2), float(k_min), block)
+
+
+def row_time_terms(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log t, 1 / t) as contiguous float32, computed in float64."""
+    t64 = t.double()
+    return torch.log(t64).float().contiguous(), (1.0 / t64).float().contiguous()

@@ -88,17 +88,21 @@ def _check_inputs(fn: str, g: Tensor, t: Tensor, valid: Tensor, c1: float, c2: f
 
 
 def _reference(g: Tensor, t: Tensor, valid: Tensor, c1: float, c2: float, masks: Tensor | None,
-               k_min: float) -> ScheduleOut:
-    dtype = torch.float64 if torch.float64 in (g.dtype, t.dtype) else torch.float32
+               k_min: float, dtype: torch.dtype | None = None) -> ScheduleOut:
+    """``dtype`` of the arithmetic: float64 when ``g`` or ``t`` is float64 unless given. log t and 1/t
+    are formed in float64 first, so a float64 t below float32's range (the importance-sampled times
+    go down to 1e-304) keeps an exact log q."""
+    if dtype is None:
+        dtype = torch.float64 if torch.float64 in (g.dtype, t.dtype) else torch.float32
     sig = torch.sigmoid(g.to(dtype))
     weight = valid.to(dtype)
     mean = (sig * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp(min=1.0)
     k_raw = c1 + c2 * (sig - mean)
     k = torch.where(valid, k_raw.clamp(min=k_min), torch.full_like(k_raw, c1))
-    t_col = t.to(dtype).unsqueeze(1)
-    x = k * torch.log(t_col)
+    t64 = t.double().unsqueeze(1)
+    x = k * torch.log(t64).to(dtype)
     alpha = -torch.expm1(x)
-    velocity = k / t_col
+    velocity = k * (1.0 / t64).to(dtype)
     log_q = None
     if masks is not None:
         term = torch.where(masks, x.unsqueeze(0), log1mexp(x).unsqueeze(0))
@@ -110,7 +114,7 @@ def lomdm_schedule(g: Tensor, t: Tensor, valid: Tensor, c1: float, c2: float, ma
                    k_min: float = 1e-4, backend: str = "auto") -> ScheduleOut:
     """k, alpha, velocity (B, L) and log_q (K, B) for head output ``g`` (B, L) at times ``t`` (B,).
 
-    ``t`` in (0, 1]; ``valid`` (B, L) bool, False = padding (excluded from NormSig's mean and from
+    ``t`` in (0, 1], any float dtype (float64 keeps log q exact below float32's range); ``valid`` (B, L) bool, False = padding (excluded from NormSig's mean and from
     log q; its k is c1); ``masks`` None or (K, B, L) bool, True = masked. Outputs are float32.
     Differentiable w.r.t. ``g`` (through NormSig's mean too), not w.r.t. ``t``. ``backend``:
     "auto" (Triton on CUDA, else the reference), "torch" or "triton".
@@ -118,13 +122,13 @@ def lomdm_schedule(g: Tensor, t: Tensor, valid: Tensor, c1: float, c2: float, ma
     fn = "lomdm_schedule"
     _check_inputs(fn, g, t, valid, c1, c2, masks, k_min)
     if resolve_backend(backend, g, t, valid, kernel=fn) == "torch":
-        return _reference(g if g.dtype != torch.float64 else g.float(), t.float(), valid, c1, c2, masks, k_min)
+        return _reference(g, t, valid, c1, c2, masks, k_min, dtype=torch.float32)
     from kernels._scheduler_triton import lomdm_schedule_triton
 
     valid_u8 = valid.contiguous().view(torch.uint8)
     # K = 0 stands for "no masks"; any uint8 tensor of the right row layout serves as the pointer.
     masks_u8 = valid_u8.unsqueeze(0)[:0] if masks is None else masks.contiguous().view(torch.uint8)
-    k, alpha, velocity, log_q = lomdm_schedule_triton(g.contiguous(), t.float().contiguous(), valid_u8, masks_u8,
+    k, alpha, velocity, log_q = lomdm_schedule_triton(g.contiguous(), t, valid_u8, masks_u8,
                                                       c1, c2, k_min)
     return ScheduleOut(k, alpha, velocity, None if masks is None else log_q)
 

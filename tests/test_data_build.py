@@ -232,3 +232,75 @@ def test_cli_builds_and_reports(tmp_path, capsys):
     assert build_main(["--source", "jsonl", "--input", data, "--tokenizer", "gpt2", "--seq-len", "16",
                        "--out", str(tmp_path / "cli2"), "--no-progress"]) == 2
     assert "no field 'text'" in capsys.readouterr().err
+
+
+def test_links_and_repeated_documents_are_read_once_before_the_split(tmp_path, capsys):
+    """A directory with symbolic links to its files, a copy of a file under a new name, an input
+    named twice and documents repeated inside a file: each text reaches the shards once, the first
+    occurrence is kept (so a repeat of a training document cannot land in the validation split),
+    and both kinds of repeat are counted in the manifests and said on stderr.  The reference is
+    built by hand from the distinct texts."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = make_docs(12, seed=3)
+    for i, text in enumerate(texts[:10]):
+        (corpus / f"{i:02d}.txt").write_text(text)
+    (corpus / "10.txt").write_text(texts[1])          # same text, other name: a content repeat
+    (corpus / "11.txt").symlink_to(corpus / "03.txt")  # the same file under a second name
+    (corpus / "12.txt").write_text(texts[10])
+    (corpus / "13.txt").symlink_to(corpus / "12.txt")
+    (corpus / "14.txt").write_text(texts[11])
+    lines = tmp_path / "lines.txt"                     # a second input, one document per line; its last
+    phrase = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda"    # line, a training
+    lines.write_text(f"{phrase}\n{phrase}\n{texts[2]}\n")                         # document, would be validation
+    source = SourceSpec("text", (str(corpus), str(lines), str(corpus / "00.txt")), doc_split="line")
+    manifests = build(config(tmp_path, source, val_docs=2, workers=2, part_bytes=200))
+    err = capsys.readouterr().err
+    # files: 11.txt, 13.txt and the input 00.txt named again; documents: 10.txt, the phrase, texts[2]
+    assert "skipped 3 repeated file names" in err and "and 3 documents whose exact text" in err
+
+    distinct = texts[:10] + [texts[10], texts[11], phrase]
+    tok = get_tokenizer("gpt2")
+    for split, split_docs in (("train", distinct[:-2]), ("val", distinct[-2:])):
+        stream = [t for d in split_docs for t in tok.encode(d) + [tok.eos]]
+        rows = rows_via_webdataset(manifests[split])
+        assert rows[:, 1:-1].reshape(-1).tolist() == stream[:len(rows) * 14]
+        manifest = read_manifest(manifests[split])
+        assert manifest["num_documents"] == len(split_docs)
+        assert manifest["duplicate_files_skipped"] == 3
+        assert manifest["duplicate_documents_skipped"] == 3
+    files = json.loads((tmp_path / "out" / "build.json").read_text())["settings"]["source"]["files"]
+    assert len(files) == len({f for f, _ in files}) == 14
+
+    # one worker, and a build resumed after losing its part list and a part, give the same bytes
+    again = build(config(tmp_path, source, val_docs=2, out=str(tmp_path / "again"), keep_work=True))
+    work = tmp_path / "again" / "work" / "main"
+    (work / "parts.json").unlink()
+    (work / "part-000001.npz").unlink()
+    for split in ("train", "val"):
+        (tmp_path / "again" / split / "manifest.json").unlink()
+    again = build(config(tmp_path, source, val_docs=2, out=str(tmp_path / "again"), keep_work=True))
+    for split in ("train", "val"):
+        a, b = Path(manifests[split]).parent, Path(again[split]).parent
+        assert sorted(p.name for p in a.glob("*.tar")) == sorted(p.name for p in b.glob("*.tar"))
+        for shard in a.glob("*.tar"):
+            assert shard.read_bytes() == (b / shard.name).read_bytes()
+        assert read_manifest(again[split])["duplicate_documents_skipped"] == 3
+
+
+def test_dedup_off_keeps_repeats(tmp_path):
+    docs = make_docs(6)
+    source = SourceSpec("jsonl", (write_jsonl(tmp_path / "d.jsonl", docs + docs[:2]),))
+    on = read_manifest(build(config(tmp_path, source, out=str(tmp_path / "on")))["train"])
+    off = read_manifest(build(config(tmp_path, source, out=str(tmp_path / "off"), dedup=False))["train"])
+    assert (on["num_documents"], on["duplicate_documents_skipped"]) == (6, 2)
+    assert (off["num_documents"], off["duplicate_documents_skipped"]) == (8, 0)
+
+
+def test_a_linked_file_is_read_once_by_the_source(tmp_path):
+    (tmp_path / "a.txt").write_text("one\n")
+    (tmp_path / "b.txt").symlink_to(tmp_path / "a.txt")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.txt").write_text("two\n")
+    source = SourceSpec("text", (str(tmp_path), str(tmp_path / "sub" / "*.txt")))
+    assert list(iter_raw_documents(source)) == ["one\n", "two\n"]

@@ -27,8 +27,12 @@ def test_bundled_corpus_is_real_packed_wikipedia(bundled):
     assert val_m["num_documents"] == VAL_DOCS
     # gensim's wiki utilities keep about 105 of the excerpt's pages (redirects and stubs dropped).
     assert 95 <= train_m["num_documents"] + VAL_DOCS <= 115
-    # The excerpt holds 206 article-namespace pages; the rest were rejected and counted as such.
-    assert train_m["num_documents"] + VAL_DOCS + train_m["input_documents_dropped"] == 206
+    # The excerpt holds 206 article-namespace pages; the rest were rejected and counted as such,
+    # two of them (redirect pages) as repeats of an earlier page's exact text.
+    assert (train_m["num_documents"] + VAL_DOCS + train_m["input_documents_dropped"]
+            + train_m["duplicate_documents_skipped"]) == 206
+    assert train_m["duplicate_documents_skipped"] == val_m["duplicate_documents_skipped"] == 2
+    assert train_m["duplicate_files_skipped"] == 0
     for manifest in (train_m, val_m):
         assert manifest["seq_len"] == SEQ_LEN and manifest["tokenizer"]["fingerprint"] == tok.fingerprint
         stream_tokens = manifest["document_tokens"] + manifest["num_documents"]  # each doc + its EOS

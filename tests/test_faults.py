@@ -229,7 +229,8 @@ def test_sigkill_at_several_points_then_restart_loses_nothing(tmp_path, corpus_c
     assert [s for s, _ in ckpt_lib.complete_checkpoints(run_dir)] == [3]
 
     config = write_config(run_dir, corpus_cache)
-    stages = [(["--kill-in-save", "6:1"], [3]), (["--kill-in-save", "6:6"], [3]),
+    # the checkpoint directory's own files are trainer.pt, config.yaml and meta.json: the 4th fsync is the marker's
+    stages = [(["--kill-in-save", "6:1"], [3]), (["--kill-in-save", "6:4"], [3]),
               (["--kill-after-rename", "9"], [3, 6, 9]), ([], [9, 10])]
     for faults, checkpoints_after in stages:
         results = run_ranks(faulty_command(record, *faults), config)

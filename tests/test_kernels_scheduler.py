@@ -78,7 +78,7 @@ def test_reference_matches_naive_high_precision(gen):
     want32 = naive_schedule(g.float(), t.float(), valid, C1, C2, masks, 1e-4)  # at the fp32-rounded inputs
     for name, got, w in zip(["k", "alpha", "velocity", "log_q"], got32, want32):
         assert got.dtype == torch.float32
-        assert rel_err(got, w) < 1e-5, name
+        assert rel_err(got, w) < 1e-5, name   # fp32: NormSig over 9 positions, a few elementwise roundings
 
 
 def test_reference_gradient_matches_finite_differences(gen):
@@ -109,6 +109,8 @@ def _check_extreme_times(t_value: float, runs: tuple[tuple[str, torch.device], .
         exact_alpha = torch.tensor([[float(1 - tm ** v) for v in row] for row in kk], dtype=torch.float64)
         exact_log_q = torch.tensor([float(sum(mpmath.log(1 - tm ** v) for v in row)) for row in kk],
                                    dtype=torch.float64)
+        # fp32 elementwise t^k and log(1 - t^k) at the fp32 k (the log_q row sums 2 of them): a few dozen
+        # roundings at most, 1e-5 = 168 * 2^-24
         assert ((out.alpha.cpu().double() - exact_alpha).abs() / exact_alpha).max() < 1e-5, backend
         assert ((out.log_q[0].cpu().double() - exact_log_q).abs() / exact_log_q.abs()).max() < 1e-5, backend
         assert out.k.min() < C1 - 0.3 and out.k.max() > C1 + 0.3
@@ -171,7 +173,7 @@ def test_triton_elementary_functions_against_mpmath():
     mx = [mpmath.mpf(float(v)) for v in x]
     md = [mpmath.mpf(float(v)) for v in d]
 
-    def check(got, exact, tol=2e-6):
+    def check(got, exact, tol=2e-6):    # fp32 elementwise helpers: a few roundings, 2e-6 = 34 * 2^-24
         exact = torch.tensor([float(e) for e in exact], dtype=torch.float64)
         rel = torch.where(exact == 0, got.abs(), (got - exact).abs() / exact.abs())
         assert rel.max().item() < tol, rel
@@ -230,9 +232,12 @@ def test_triton_matches_reference(gen, case, dtype):
     for name, a, b in zip(["k", "alpha", "velocity", "log_q"], got, want):
         if b is not None:
             assert a.dtype == torch.float32
+            # fp32 against float64: NormSig sums 37 positions, then a few elementwise roundings: (37 + 8) * 2^-24
             assert rel_err(a, b) < 1e-5, name
     assert got_grad.dtype == dtype
     assert (got_grad[~valid] == 0).all()
+    # fp32: as the values; bf16 (8 significant bits): one conversion of the gradient, 2^-8 relative rounded
+    # to nearest, up to 2^-7 = 7.8e-3 truncated (Triton's CPU interpreter truncates)
     assert rel_err(got_grad, want_grad) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 

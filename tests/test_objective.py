@@ -270,3 +270,40 @@ def test_split_batch_gives_the_same_rows_loss_and_gradient(name):
             continue
         torch.testing.assert_close(g0 + g1, gf, rtol=1e-4, atol=1e-6)
     assert full.tokens.item() == total.item()
+
+
+# --- padding ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["mdlm", "lomdm"])
+def test_padding_is_masked_like_any_position_but_never_scored(name):
+    """MDLM's forward process masks every position, padding included, and leaves padding out of the
+    loss: the denoiser must not be able to read a row's length off unmasked padding. Padding here is
+    the last 5 positions of every row; the masked copies the backbone sees and the tokens the loss
+    scores are recorded."""
+    cfg = DiffusionConfig(scheduler=name)
+    model = toy_model(7, SEQ_LEN, learned=name == "lomdm", seed=3)
+    seen, scored = [], []
+    features = model.backbone.features
+    model.backbone.features = lambda tokens, c: seen.append(tokens.clone()) or features(tokens, c)
+
+    def recording_loss(logits, targets, A, A_hat, *, mask_token_id):
+        scored.append(targets.numel())
+        return velocity_loss(logits, targets, A, A_hat, mask_token_id=mask_token_id)
+
+    B = 64
+    x = random_tokens(B, seed=4)
+    valid = torch.ones_like(x, dtype=torch.bool)
+    valid[:, -5:] = False
+    num_masks = cfg.resolved_masks_per_row()
+    out = diffusion_loss(model, build_scheduler(cfg), x, cfg=cfg, seed=1, step=0, rows=torch.arange(B),
+                         global_batch=B, valid=valid, token_loss=recording_loss)
+    z = seen[-1].reshape(num_masks, B, SEQ_LEN)
+    masked = z == model.mask_token_id
+    pad_masked = masked[:, :, -5:].double().mean()
+    # Padding positions are masked about as often as real ones (P = t^k, averaged over the batch's t).
+    assert 0.15 < float(pad_masked) < 0.85
+    assert abs(float(pad_masked) - float(masked[:, :, :-5].double().mean())) < 0.15
+    # ... but only masked real tokens are scored, and the token count excludes padding.
+    assert scored[-1] == int(masked[:, :, :-5].sum())
+    assert float(out.tokens) == float(valid.sum())
+    assert float(out.stats["masked_fraction"]) == pytest.approx(float(masked[:, :, :-5].double().mean()), rel=1e-6)

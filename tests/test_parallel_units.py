@@ -16,6 +16,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent / "parallel_workers"))
 
 from parallel_common import BATCH, PAD_ID, SEED, batches, eval_batches, make_config, make_model  # noqa: E402
+from tolerances import grad_scale  # noqa: E402
 from lomdm_dist.config import ConfigError  # noqa: E402
 from lomdm_dist.diffusion.objective import diffusion_loss  # noqa: E402
 from lomdm_dist.diffusion.schedulers import build_scheduler  # noqa: E402
@@ -107,14 +108,14 @@ def test_microbatched_last_stage_loss_equals_whole_batch():
     ref.loss.backward()
 
     backbone = model.backbone
-    t64, uniforms = step_randomness(seed=SEED, step=0, rows=rows, global_batch=BATCH, seq_len=x.shape[1],
-                                    num_masks=2, cfg=cfg.diffusion)
-    t = t64.float()
+    times, uniforms = step_randomness(seed=SEED, step=0, rows=rows, global_batch=BATCH, seq_len=x.shape[1],
+                                      num_masks=2, cfg=cfg.diffusion)
+    t = times.t.float()
     h_clean, c_clean = clean_features(model, x, t)
     h_clean, c_clean = h_clean.detach(), c_clean.detach()
     with torch.no_grad():
-        k_draw = draw_exponents(model.phi(h_clean, c_clean), t, valid, cfg.diffusion)
-    masks = draw_masks(scheduler, t64, uniforms, valid, k_draw)
+        k_draw = draw_exponents(model.phi(h_clean, c_clean), times.t, valid, cfg.diffusion)
+    masks = draw_masks(scheduler, times, uniforms, k_draw)
     normalizer = valid.sum().float()
     parts = []
     for chunk in (slice(0, 3), slice(3, 8)):      # unequal microbatches on purpose
@@ -122,18 +123,25 @@ def test_microbatched_last_stage_loss_equals_whole_batch():
         c = backbone.conditioning(z.shape[0])
         h = backbone.features(z, c)
         part = masked_pass_loss(model, scheduler, h=h, c=c, x=x[chunk], valid=valid[chunk], masks=masks[:, chunk],
-                                t64=t64[chunk], cfg=cfg.diffusion, h_clean=h_clean[chunk], c_clean=c_clean[chunk])
+                                times=times[chunk], cfg=cfg.diffusion, h_clean=h_clean[chunk], c_clean=c_clean[chunk])
         (part.surrogate.sum() / normalizer).backward()
         parts.append(part)
     out = assemble_loss(parts, normalizer=normalizer, tokens=valid.sum().float())
-    torch.testing.assert_close(out.loss.detach(), ref.loss.detach(), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(out.row_nelbo, ref.row_nelbo, rtol=1e-6, atol=1e-7)
+    # float32, other batch shapes and groupings: each token term comes from length-32 dot products and a
+    # log-sum-exp over 61 logits; the loss and the statistics sum 8 x 16 token terms, a row 16; worst case
+    # (terms + 61 + 32) * 2^-24 relative
+    torch.testing.assert_close(out.loss.detach(), ref.loss.detach(), rtol=(128 + 61 + 32) * 2**-24, atol=1e-7)
+    torch.testing.assert_close(out.row_nelbo, ref.row_nelbo, rtol=(16 + 61 + 32) * 2**-24, atol=1e-7)
     for key in ref.stats:
-        torch.testing.assert_close(out.stats[key].float(), ref.stats[key].float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.stats[key].float(), ref.stats[key].float(), rtol=(128 + 61 + 32) * 2**-24,
+                                   atol=1e-6)
     ref_grads, grads = _grads(ref_model), _grads(model)
     assert ref_grads.keys() == grads.keys()
     for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+        # a gradient entry sums 128 token contributions back-propagated through 4 blocks (longest reduction
+        # 64): (128 + 4 * 64) * 2^-24 of the contributions' size (grad_scale), worst case
+        atol = (128 + 4 * 64) * 2**-24 * grad_scale(ref_grads, name)
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=atol, msg=name)
 
 
 # --- pipeline split -------------------------------------------------------------------------------
@@ -167,7 +175,7 @@ def test_stage_parts_partition_the_parameters_and_chain_to_the_full_forward(pp, 
         for stage in range(1, num_stages):
             h, c = parts[stage](h, c)
         expected = full.backbone.features(x, full.backbone.conditioning(BATCH))
-    torch.testing.assert_close(h, expected, rtol=0, atol=0)
+    torch.testing.assert_close(h, expected, rtol=0, atol=0)   # the same operations on the same tensors
     part = copy.deepcopy(full)
     keep_stage_parts(part, [1], 2)
     assert isinstance(part.backbone.blocks[0], PipelineHole) and part.backbone.embed is None
@@ -187,11 +195,14 @@ def test_clip_grad_norm_matches_torch_on_plain_parameters(max_norm):
         diffusion_loss(m, scheduler, x, cfg=cfg.diffusion, seed=SEED, step=0, rows=torch.arange(BATCH),
                        global_batch=BATCH, valid=valid).loss.backward()
     expected = torch.nn.utils.clip_grad_norm_(models[0].parameters(), max_norm)
-    assert grad_norm(models[1].parameters()).item() == pytest.approx(expected.item(), rel=1e-6)
+    # float32 sums of the N squared gradient entries in two groupings (per tensor, then across; per-tensor
+    # norms, then their norm): sqrt(N) * 2^-24 typical; the clipped gradients inherit it through the factor
+    rel = sum(p.numel() for p in models[0].parameters()) ** 0.5 * 2**-24
+    assert grad_norm(models[1].parameters()).item() == pytest.approx(expected.item(), rel=rel)
     norm = clip_grad_norm_(models[1].parameters(), max_norm)
-    assert norm.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert norm.item() == pytest.approx(expected.item(), rel=rel)
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-9, msg=name)
+        torch.testing.assert_close(q.grad, p.grad, rtol=rel, atol=1e-9, msg=name)
 
 
 # --- activation checkpointing ----------------------------------------------------------------------
@@ -217,6 +228,8 @@ def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients(mode, re
     assert len(calls) - forward_calls == recomputed
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in ref_model.named_parameters()]
     for (name, p), q in zip(ref_model.named_parameters(), model.parameters()):
+        # recomputation repeats the same float32 operations on the same shapes (equal in practice); the
+        # slack of 17 * 2^-24 only absorbs a kernel that blocks a recomputed buffer differently
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-9, msg=name)
 
 
@@ -353,10 +366,14 @@ def test_validation_split_over_ranks_pads_a_ragged_batch_and_sums_to_one_process
         split = BatchSplit(rows=lambda n, r=rank: torch.arange(r * n // 2, (r + 1) * n // 2), multiple=2,
                            reduce=lambda t: totals.append(t.clone()) or t)
         validation_nelbo(model, scheduler, batches, cfg=cfg.diffusion, seed=SEED, pad_id=PAD_ID, split=split)
-    nelbo, l_main, l_velocity, tokens = (totals[0] + totals[1]).tolist()
+    nelbo, l_main, l_velocity, tokens = (totals[0] + totals[1]).tolist()[:4]
     assert tokens == whole["val_tokens"] == (8 * 16 - 5) + (7 * 16 - 5)   # row 2 of each batch ends in padding
-    assert nelbo / tokens == pytest.approx(whole["val_nelbo"], rel=1e-12)
-    assert (l_main + l_velocity) / tokens == pytest.approx(whole["val_nelbo"], rel=1e-6)
+    # float32 per-row NELBOs (16 token terms, each from length-32 dot products and a log-sum-exp over 61
+    # logits) computed on batches of 4 rows instead of 8 and summed per batch in float32 over 4 rows
+    # instead of 8: worst case (8 + 16 + 61 + 32) * 2^-24; L_main and L_velocity are float32 sums over a
+    # batch's 128 tokens, grouped otherwise than the rows: (128 + 61 + 32) * 2^-24
+    assert nelbo / tokens == pytest.approx(whole["val_nelbo"], rel=(8 + 16 + 61 + 32) * 2**-24)
+    assert (l_main + l_velocity) / tokens == pytest.approx(whole["val_nelbo"], rel=(128 + 61 + 32) * 2**-24)
 
 
 # --- process environment ---------------------------------------------------------------------------

@@ -47,12 +47,12 @@ class FakeBackbone(nn.Module):
             assert sigma is not None and sigma.shape == (batch_size,)
             self.sigmas.append(sigma.clone())
             return sigma.float()[:, None].expand(batch_size, self.cond_dim).clone()
-        return torch.zeros(batch_size, self.cond_dim)
+        return torch.zeros(batch_size, self.cond_dim, device=self.table.device)
 
     def features(self, tokens, c):
         assert tokens.shape[1] == self.seq_len and c.shape == (tokens.shape[0], self.cond_dim)
         self.feature_calls += 1
-        return torch.eye(self.seq_len).expand(tokens.shape[0], -1, -1).clone()
+        return torch.eye(self.seq_len, device=self.table.device).expand(tokens.shape[0], -1, -1).clone()
 
     def output_logits(self, h, c):
         assert h.shape[:-1] == c.shape[:-1]
@@ -238,6 +238,23 @@ def test_final_argmax_fills_remaining_positions_with_the_non_mask_argmax():
     argmax = torch.tensor([1, 0, 2]).expand(300, -1)
     assert torch.equal(result.tokens[filled], argmax[filled])
     assert bool((result.tokens != 3).all())
+    assert result.argmax_filled == int(filled.sum())
+
+
+@pytest.mark.parametrize("name", ["mdlm", "lomdm"])
+def test_a_grid_ending_at_zero_samples_every_position_and_leaves_nothing_to_the_argmax(name):
+    """At s = 0 the unmasking probability 1 - (s/t)^k is exactly 1: the last step samples whatever is
+    left, so no position reaches the final argmax. The default grid ends there."""
+    table = torch.tensor([[0.0, 3.0, 1.0, 9.0], [2.0, 0.0, 1.0, 9.0], [0.0, 1.0, 4.0, 9.0]])
+    cfg = DiffusionConfig(scheduler=name)
+    model = FakeModel(table, priority=torch.tensor([-2.0, 0.0, 2.0]) if name == "lomdm" else None)
+    result = sample(model, build_scheduler(cfg), num=200, seq_len=3, steps=2, diffusion_cfg=cfg, seed=2)
+    assert result.argmax_filled == 0
+    assert int(result.order.max()) < 2 and bool((result.tokens != 3).all())
+    # Sampled, not argmax: every position takes non-argmax tokens too (probability of their absence
+    # in 200 draws from softmax(table) is below 1e-10 for each position).
+    for pos in range(3):
+        assert len(torch.unique(result.tokens[:, pos])) > 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,8 +39,10 @@ def test_dry_run_of_1b_on_8_nodes_from_the_command_line(tmp_path):
     assert {k: job["layout"][k] for k in written} == written
     assert job["layout"]["tp"] * job["layout"]["pp"] * job["layout"]["dp_shard"] * job["layout"]["dp_replicate"] == 64
     assert job["trainer_command"][-3:-1] == ["-m", "lomdm_dist.train"]
-    assert job["trainer_command"][-1] == job["config_file"]
-    assert job["config_file"].startswith(str(tmp_path / "runs" / "owt-1b" / "slurm"))
+    # The config the tasks train from is written at submission, under a name with that time.
+    assert "config_file" not in job
+    assert job["trainer_command"][-1] == job["config_written_at_submission"] == \
+        str(tmp_path / "runs" / "owt-1b" / "slurm" / "config-<submission time>.yaml")
     assert job["task_command"].endswith(f"-m submitit.core._submit {tmp_path}/runs/owt-1b/slurm/%j")
     assert job["environment"]["defaults_unless_set"]["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
     assert job["environment"]["per_task"]["WORLD_SIZE"] == "64"
@@ -149,3 +151,22 @@ def test_requeue_count_is_capped():
     assert delayed.function.config_file == "/c.yaml" and delayed.function.max_requeues == 2
     with pytest.raises(RequeueLimitError, match=r"slurm.max_requeues \(2\) reached"):
         delayed.function.checkpoint()
+
+
+def test_help_names_every_slurm_key_without_a_flag(capsys):
+    """Every ``slurm.*`` key is either a flag or listed in ``--help`` (env, setup, mem_gb, ...)."""
+    import dataclasses
+
+    from lomdm_dist.config import SlurmConfig
+    from lomdm_dist.launch.submit import _FLAG_TO_KEY
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    epilog = text[text.index("settings without a flag"):]
+    without_flag = {f.name for f in dataclasses.fields(SlurmConfig)} - set(_FLAG_TO_KEY.values())
+    assert {"env", "setup", "mem_gb"} <= without_flag
+    for key in without_flag:
+        assert f"  slurm.{key} " in epilog, key
+    assert "submit and write nothing" in " ".join(text.split())    # --dry-run

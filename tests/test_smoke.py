@@ -23,6 +23,8 @@ def test_smoke_config_trains_evaluates_and_samples(tmp_path):
          f"data.cache_dir={tmp_path / 'cache'}", "train.progress=false"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == ""                      # console lines and bars share stderr
+    assert f"checkpoint:        {run_dir / 'checkpoints' / 'step-00000120'}" in result.stderr
 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in metrics if "val_ppl" in m]
@@ -39,6 +41,7 @@ def test_smoke_config_trains_evaluates_and_samples(tmp_path):
     assert (run_dir / "config.yaml").is_file()
     checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
     assert checkpoints and (checkpoints[-1] / "COMPLETE").is_file()
+    assert not list(checkpoints[-1].glob("*.safetensors"))     # the weights are kept once, in state/
     sample_files = sorted((run_dir / "samples").glob("step-*.jsonl"))
     record = json.loads(sample_files[-1].read_text().splitlines()[0])
     assert record["text"] and len(record["tokens"]) == len(record["order"]) == 64
@@ -47,7 +50,8 @@ def test_smoke_config_trains_evaluates_and_samples(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    assert {"loss", "val_ppl", "l_velocity"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "val/ppl", "train/l_velocity", "order/k_phi_mean"} <= set(events.Tags()["scalars"])
+    assert {"order/k_phi_per_position", "order/generation_order"} <= set(events.Tags()["images"])
 
     out = tmp_path / "samples.jsonl"
     sampled = subprocess.run(

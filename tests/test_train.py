@@ -1,13 +1,17 @@
-"""Trainer: configuration errors, bad input, non-finite losses, exact resume, checkpoints."""
+"""Trainer: configuration errors, bad input, non-finite losses, exact resume, checkpoints, resuming
+with a changed config, what a finished run prints and leaves behind (console, TensorBoard, weights)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,12 +152,14 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path, corpus_cache):
     run = tmp_path / "run"
     Trainer(load_config(None, tiny_overrides(run, corpus_cache, **{"train.max_steps": 2, "train.ckpt_every": 2}))).run()
     ckpt = ckpt_lib.latest_checkpoint(run)
-    weights = ckpt / "model.safetensors"
-    data = bytearray(weights.read_bytes())
+    shard = next((ckpt / "state").glob("*.distcp"))          # the weights' only copy
+    data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    weights.write_bytes(bytes(data))
-    with pytest.raises(ckpt_lib.CheckpointError, match=r"model.safetensors is corrupt"):
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ckpt_lib.CheckpointError, match=rf"state/{shard.name} is corrupt"):
         Trainer(load_config(None, tiny_overrides(run, corpus_cache)))
+    with pytest.raises(ckpt_lib.CheckpointError, match="is corrupt"):
+        ckpt_lib.export_safetensors(run)                          # nothing is exported from a damaged checkpoint
 
 
 def test_interrupted_checkpoint_write_is_ignored(tmp_path, corpus_cache):
@@ -173,3 +179,154 @@ def test_keeps_newest_checkpoints(tmp_path, corpus_cache):
     Trainer(load_config(None, tiny_overrides(run, corpus_cache, **{"train.ckpt_every": 1,
                                                                    "train.keep_checkpoints": 2}))).run()
     assert [p.name for _, p in ckpt_lib.complete_checkpoints(run)] == ["step-00000005", "step-00000006"]
+
+
+# ------------------------------------------------------------------------------------------ a finished run
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, corpus_cache):
+    """One short run with the progress bar on, an evaluation mid-run and at the end, samples and a
+    final checkpoint; its console output captured (stdout and stderr apart)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    cfg = load_config(None, tiny_overrides(run, corpus_cache, **{
+        "train.max_steps": 3, "train.eval_every": 2, "train.progress": True, "sample.every_eval": True}))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        trainer = Trainer(cfg)
+        result = trainer.run()
+    return {"run": run, "trainer": trainer, "result": result, "stdout": out.getvalue(), "stderr": err.getvalue()}
+
+
+def test_end_of_run_names_each_phase_and_summarises_on_stderr(finished_run):
+    run, err = finished_run["run"], finished_run["stderr"]
+    assert finished_run["stdout"] == ""                         # one stream: the bars' and the lines'
+    final_ckpt = run / "checkpoints" / "step-00000003"
+    lines = [line.strip() for line in err.replace("\r", "\n").splitlines()]
+    expected = ["evaluating (1 validation batch) ...", "step 3: val_nelbo",
+                "sampling (1 samples of 4 steps and generation-order images) ...",
+                "writing checkpoint step-00000003 ...", "run completed at step 3 (3 steps this session) in"]
+    where = [next((i for i, line in enumerate(lines) if line.startswith(text)), None) for text in expected]
+    assert None not in where and where == sorted(where), (where, err[-3000:])
+    summary = err[err.index("run completed at step 3"):]
+    assert "training" in summary and "evaluation" in summary and "sampling" in summary
+    result = finished_run["result"]
+    assert f"val_nelbo {result.last_eval['val_nelbo']:.4f}" in summary
+    for path in (final_ckpt, run / "samples" / "step-00000003.jsonl", run / "tensorboard", run / "metrics.jsonl"):
+        assert str(path) in summary and path.exists(), path
+    assert result.checkpoint == final_ckpt and result.samples == run / "samples" / "step-00000003.jsonl"
+    assert "step 2: val_nelbo" in err                           # the mid-run evaluation still reports its numbers
+
+
+def test_tensorboard_tags_are_grouped_and_metrics_jsonl_stays_flat(finished_run):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = finished_run["run"]
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert all(tag.split("/", 1)[0] in {"train", "val", "order", "system"} for tag in scalars), scalars
+    assert {"train/loss", "train/nelbo", "train/lr", "val/nelbo", "val/ppl", "order/k_phi_mean", "order/k_hat_mean",
+            "system/tokens_per_sec", "system/epoch"} <= scalars, scalars
+    assert "system/samples_seen" not in scalars
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("system/epoch")] == [1]   # constant: written once, not every step
+    for tag in ("order/k_phi_per_position", "order/generation_order"):
+        shots = events.Images(tag)
+        assert [s.step for s in shots] == [2, 3], tag
+        image = Image.open(io.BytesIO(shots[-1].encoded_image_string)).convert("RGB")
+        assert image.width >= 300 and image.height >= 150, (tag, image.size)   # drawn, not a 64 x 8 strip
+        pixels = torch.from_numpy(np.asarray(image).astype(np.int16))
+        assert (pixels[..., 0] != pixels[..., 2]).any(), tag                     # a colour map, not grey
+    assert "order/k_phi" in events.Tags()["histograms"]
+    train = [m for m in read_metrics(run) if "loss" in m]
+    assert {"k_phi_mean", "epoch", "samples_seen", "tokens_per_sec", "lr"} <= set(train[-1])
+    assert all("epoch" in m for m in train)
+
+
+def test_checkpoints_hold_the_weights_once_and_export_on_demand(finished_run, tmp_path):
+    from lomdm_dist.train.export import main as export_main
+
+    run, trainer = finished_run["run"], finished_run["trainer"]
+    ckpt = ckpt_lib.latest_checkpoint(run)
+    assert not list(ckpt.rglob("*.safetensors"))
+    loaded = ckpt_lib.load_checkpoint(run)                      # read from the Distributed Checkpoint shards
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(loaded["model"][name], param.detach()), name
+        assert torch.equal(loaded["ema"][name], trainer.ema.shadow[name]), name
+    assert export_main([str(run), "--out", str(tmp_path / "export")]) == 0
+    from safetensors.torch import load_file
+    exported = load_file(str(tmp_path / "export" / "ema.safetensors"))
+    assert exported.keys() == loaded["ema"].keys()
+    assert all(torch.equal(exported[k], loaded["ema"][k]) for k in exported)
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    assert export_main([str(tmp_path / "no-such-run")]) == 2
+
+
+def test_export_safetensors_option_adds_the_consolidated_copy(tmp_path, corpus_cache):
+    run = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides(run, corpus_cache, **{
+        "train.max_steps": 1, "train.export_safetensors": True, "eval.max_batches": 1}))).run()
+    from safetensors.torch import load_file
+    ckpt = ckpt_lib.latest_checkpoint(run)
+    marker = json.loads((ckpt / ckpt_lib.MARKER).read_text())["sha256"]
+    loaded = ckpt_lib.load_checkpoint(ckpt)
+    for part, name in (("model", "model.safetensors"), ("ema", "ema.safetensors")):
+        assert name in marker
+        copy = load_file(str(ckpt / name))
+        assert copy.keys() == loaded[part].keys() and all(torch.equal(copy[k], loaded[part][k]) for k in copy)
+
+
+# ------------------------------------------------------------------------------------------ config changes
+def test_config_comparison_sorts_changes():
+    from lomdm_dist.train.config_history import compare_configs
+
+    old = {"run": {"dir": "a", "allow_config_change": False}, "model": {"d_model": 64, "dropout": 0.1},
+           "optim": {"lr": 0.003, "betas": [0.9, 0.999]}, "train": {"max_steps": 10}}
+    new = {"run": {"dir": "b", "allow_config_change": True}, "model": {"d_model": 128, "dropout": 0.0},
+           "optim": {"lr": 0.003, "betas": [0.9, 0.98]}, "train": {"max_steps": 20, "export_safetensors": False}}
+    changes = {c.key: c for c in compare_configs(old, new)}
+    assert set(changes) == {"model.d_model", "model.dropout", "optim.betas", "train.max_steps",
+                            "train.export_safetensors"}
+    assert changes["model.d_model"].reason and "model shape" in changes["model.d_model"].reason
+    assert not any(changes[k].reason for k in changes if k != "model.d_model")   # a key new to the schema: a note
+    assert changes["optim.betas"].describe() == "optim.betas: [0.9, 0.999] -> [0.9, 0.98]"
+
+
+def test_resume_with_changed_config_notes_refuses_and_keeps_history(tmp_path, corpus_cache, capfd):
+    run = tmp_path / "run"
+    base = {"train.max_steps": 2, "train.ckpt_every": 2, "sample.every_eval": False, "eval.max_batches": 1}
+    Trainer(load_config(None, tiny_overrides(run, corpus_cache, **base))).run()
+    assert len(list((run / "configs").glob("config-00000000-*.yaml"))) == 1
+    capfd.readouterr()
+
+    # ordinary changes: printed old -> new, the run goes on, the new config joins the history
+    Trainer(load_config(None, tiny_overrides(run, corpus_cache, **{**base, "train.max_steps": 3,
+                                                                   "optim.lr": 0.002}))).run()
+    err = capfd.readouterr().err
+    assert "config changed since the checkpoint at step 2" in err
+    assert "train.max_steps: 2 -> 3" in err and "optim.lr: 0.001 -> 0.002" in err
+    history = sorted((run / "configs").glob("config-*.yaml"))
+    assert [p.name.split("-")[1] for p in history] == ["00000000", "00000002"]
+    assert "#   optim.lr: 0.001 -> 0.002" in history[-1].read_text()
+    assert load_config(run / "config.yaml").optim.lr == 0.002
+    assert load_config(history[0]).optim.lr == 0.001                 # the history files are loadable configs
+
+    # changes the checkpoint cannot continue under: refused, naming the keys and the way out
+    changed = {**base, "train.max_steps": 4, "model.d_model": 64, "diffusion.c1": 0.8}
+    with pytest.raises(ConfigError) as refused:
+        Trainer(load_config(None, tiny_overrides(run, corpus_cache, **changed)))
+    message = str(refused.value)
+    assert "model.d_model: 32 -> 64" in message and "diffusion.c1: 0.7 -> 0.8" in message
+    assert "optim.lr" not in message and "run.allow_config_change=true" in message
+    assert len(list((run / "configs").glob("config-*.yaml"))) == 2 and load_config(run / "config.yaml").model.d_model == 32
+    cli = run_cli("configs/smoke.yaml", *tiny_overrides(run, corpus_cache, **changed))
+    assert cli.returncode == 2 and "model.d_model: 32 -> 64" in cli.stderr and "Traceback" not in cli.stderr
+
+    # ... unless asked: c1 can change (the weights still fit), and the note says it was accepted
+    capfd.readouterr()
+    Trainer(load_config(None, tiny_overrides(run, corpus_cache, **{**base, "train.max_steps": 4, "optim.lr": 0.002,
+                                                                   "diffusion.c1": 0.8,
+                                                                   "run.allow_config_change": True}))).run()
+    err = capfd.readouterr().err
+    assert "diffusion.c1: 0.7 -> 0.8 (accepted because run.allow_config_change=true" in err
+    assert ckpt_lib.latest_checkpoint(run).name == "step-00000004"

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     rows = args.rows or cfg.data.batch_size
-    split = cfg.parallel.dp * (cfg.parallel.microbatches if cfg.parallel.pp > 1 else 1)
+    split = cfg.parallel.dp * (cfg.parallel.resolved_microbatches() if cfg.parallel.pp > 1 else 1)
     if rows % split:
         print(f"error: --rows ({rows}) must be divisible by the data-parallel size x microbatches ({split})",
               file=sys.stderr)
@@ -170,7 +170,7 @@ def run(cfg, args: argparse.Namespace, rows: int) -> int:
     shutdown_process_group(clean=True)
     if env.rank != 0:
         return 0
-    par = cfg.parallel
+    par = cfg.parallel.resolved()
     where = name or f"CPU ({torch.get_num_threads()} threads per process)"
     print(f"device: {where} x {env.world_size}; torch {torch.__version__}; layout tp {par.tp} pp {par.pp} "
           f"dp_shard {par.dp_shard} dp_replicate {par.dp_replicate}"

@@ -4,10 +4,16 @@
 
 ``--ckpt`` is a checkpoint directory or a run directory (its latest complete checkpoint). Each output
 line holds ``text``, ``tokens``, ``order`` (the step at which each position was unmasked; ``steps``
-for the final argmax) and ``entropy`` (unigram token entropy of the sample, nats); a summary with
-the number of network calls goes to stderr. The sampling itself lives in
-``lomdm_dist.diffusion.sampler``; this file only parses arguments, loads and writes. Bad arguments,
-an unusable checkpoint or an unwritable output exit with status 2 and a one-line reason.
+for the final argmax), ``entropy`` (unigram token entropy of the sample, nats) and ``provenance``,
+the same object on every line, so that a sample can be traced and reproduced on its own:
+``checkpoint`` (the resolved checkpoint directory), ``step`` (its training step), ``weights``
+(``ema``, or ``raw`` with ``--no-ema`` or when the checkpoint holds no EMA), ``seed``, ``steps``,
+``t_min``, ``num``, ``seq_len``, ``batch_size`` (rows per batch: the draws depend on it),
+``final_argmax``, ``reverse_c2_zero``, ``scheduler``, ``tokenizer`` and ``device`` (CPU and CUDA
+generators draw differently). A summary with the number of network calls goes to stderr. The
+sampling itself lives in ``lomdm_dist.diffusion.sampler``; this file only parses arguments, loads
+and writes. Bad arguments, an unusable checkpoint or an unwritable output exit with status 2 and a
+one-line reason.
 """
 
 from __future__ import annotations
@@ -70,6 +76,22 @@ def _resolve_device(choice: str) -> str:
     return choice
 
 
+def _checkpoint_facts(ckpt: str) -> tuple[Path, int, bool]:
+    """(resolved checkpoint directory, its training step, whether it holds EMA weights): what the
+    provenance names, read here because the model loader falls back to the raw weights silently."""
+    import json
+
+    from lomdm_dist.parallel.checkpoint import STATE_DIR, saved_parts
+    from lomdm_dist.train.checkpoint import MARKER, CheckpointError, resolve_checkpoint
+
+    path = resolve_checkpoint(ckpt).resolve()
+    try:
+        step = int(json.loads((path / MARKER).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: unreadable {MARKER} marker ({err})") from None
+    return path, step, "ema" in saved_parts(path / STATE_DIR)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -83,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         device = _resolve_device(args.device)
-        cfg, model, scheduler = load_inference_model(args.ckpt, use_ema=not args.no_ema, device=device)
+        checkpoint, step, has_ema = _checkpoint_facts(args.ckpt)
+        cfg, model, scheduler = load_inference_model(str(checkpoint), use_ema=not args.no_ema, device=device)
     except (CheckpointError, ValueError) as err:
         parser.error(str(err))
+    if not args.no_ema and not has_ema:
+        print(f"{checkpoint} holds no EMA weights: sampling with the raw weights", file=sys.stderr)
     try:
         tokenizer = get_tokenizer(cfg.data.tokenizer)
     except DataError as err:
@@ -95,28 +120,36 @@ def main(argv: list[str] | None = None) -> int:
                      f"model's mask token is id {model.mask_token_id}: checkpoint and tokenizer do not match")
 
     steps = args.steps if args.steps is not None else cfg.sample.steps
+    num = args.num if args.num is not None else cfg.sample.num
+    provenance = {
+        "checkpoint": str(checkpoint), "step": step, "weights": "ema" if has_ema and not args.no_ema else "raw",
+        "seed": args.seed if args.seed is not None else cfg.sample.seed, "steps": steps,
+        "t_min": args.t_min if args.t_min is not None else cfg.sample.t_min, "num": num,
+        "seq_len": args.seq_len if args.seq_len is not None else cfg.data.seq_len,
+        "batch_size": min(args.batch_size or num, num), "final_argmax": cfg.sample.final_argmax,
+        "reverse_c2_zero": args.reverse_c2_zero, "scheduler": cfg.diffusion.scheduler,
+        "tokenizer": cfg.data.tokenizer, "device": device,
+    }
     start = time.perf_counter()
     try:
-        result = sample(model, scheduler,
-                        num=args.num if args.num is not None else cfg.sample.num,
-                        seq_len=args.seq_len if args.seq_len is not None else cfg.data.seq_len,
-                        steps=steps, diffusion_cfg=cfg.diffusion,
-                        t_min=args.t_min if args.t_min is not None else cfg.sample.t_min,
-                        final_argmax=cfg.sample.final_argmax, reverse_c2_zero=args.reverse_c2_zero,
-                        seed=args.seed if args.seed is not None else cfg.sample.seed,
+        result = sample(model, scheduler, num=num, seq_len=provenance["seq_len"], steps=steps,
+                        diffusion_cfg=cfg.diffusion, t_min=provenance["t_min"], final_argmax=cfg.sample.final_argmax,
+                        reverse_c2_zero=args.reverse_c2_zero, seed=provenance["seed"],
                         batch_size=args.batch_size, device=device, progress=True)
     except ValueError as err:  # e.g. --reverse-c2-zero on a fixed scheduler, a block size not dividing --seq-len
         parser.error(str(err))
     seconds = time.perf_counter() - start
 
-    records = sample_records(result, tokenizer.decode, vocab_size=tokenizer.vocab_size)
+    provenance["argmax_filled"] = result.argmax_filled
+    records = sample_records(result, tokenizer.decode, vocab_size=tokenizer.vocab_size, provenance=provenance)
     try:
         write_jsonl_atomic(args.out, records)
     except OSError as err:
         parser.error(f"--out: cannot write {args.out}: {err}")
     mean_entropy = sum(r["entropy"] for r in records) / len(records)
     print(f"wrote {len(records)} samples to {args.out}: {steps} steps, {result.model_calls} model calls, "
-          f"mean unigram entropy {mean_entropy:.3f} nats, {seconds:.1f} s on {device}", file=sys.stderr)
+          f"mean unigram entropy {mean_entropy:.3f} nats, {result.argmax_filled} positions filled by the final "
+          f"argmax, {seconds:.1f} s on {device}", file=sys.stderr)
     return 0
 
 

@@ -3,6 +3,9 @@
 Why hand-written rather than OmegaConf: the checks we need (unknown keys, Literal choices, tuples,
 messages that name the full dotted key) are ~100 lines over ``dataclasses`` and PyYAML, and the
 typed dataclasses stay the single source of truth without a second schema language.
+
+Files and override values are read by one YAML dialect (:class:`ConfigLoader`): PyYAML's safe
+loader, whose YAML 1.1 rules read ``1e-3`` as a string, taught YAML 1.2's floats.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -18,12 +22,68 @@ import yaml
 
 from .schema import Config, ConfigError
 
+_FLOAT = re.compile(r"""^(?:
+     [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?      # 3.0, 3., 3.0e-4, 3.0e4
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+                  # 3e-4, 1E6
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?           # .5, -.5e-3
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*        # 190:20:30.15 (YAML 1.1 base 60)
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+"""Plain scalars read as floats: PyYAML's YAML 1.1 set plus YAML 1.2's exponent forms (``1e-3``,
+``1.0e3``), which YAML 1.1 reads as strings although every config author means a number."""
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+
+
+class YamlFloat(float):
+    """A float read from YAML that remembers how it was written: a string-typed key given a
+    number-like value (``run.name: 1e-3``, ``slurm.qos: 1.10``) keeps the characters as written."""
+
+    text: str
+
+    def __new__(cls, value: float, text: str) -> "YamlFloat":
+        obj = super().__new__(cls, value)
+        obj.text = text
+        return obj
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's float syntax; reads config files and override values,
+    so ``optim.lr: 1e-3`` in a file and ``optim.lr=1e-3`` on the command line mean the same number."""
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> YamlFloat:
+        return YamlFloat(super().construct_yaml_float(node), self.construct_scalar(node))
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "-+0123456789.":  # ahead of int, as in PyYAML, so '1e3' never becomes an integer
+    ConfigLoader.yaml_implicit_resolvers.setdefault(_first, []).insert(0, (_FLOAT_TAG, _FLOAT))
+ConfigLoader.add_constructor(_FLOAT_TAG, ConfigLoader.construct_yaml_float)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with :class:`ConfigLoader` (the config files' and overrides' dialect)."""
+    return yaml.load(text, Loader=ConfigLoader)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every :class:`YamlFloat` turned into a plain float (for untyped keys)."""
+    if isinstance(value, YamlFloat):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` against the type ``annotation``; return it converted (int->float, list->tuple)."""
     origin = get_origin(annotation)
     if annotation is Any:
-        return value
+        return _plain(value)
     if origin is Literal:
         choices = get_args(annotation)
         if value not in choices:
@@ -68,7 +128,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key} must be a string, got {value!r}")
-        return str(value)
+        return value.text if isinstance(value, YamlFloat) else str(value)
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, key)
     raise ConfigError(f"{key}: unsupported type {annotation!r}")
@@ -106,7 +166,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``'train.max_steps=10'`` -> ``('train.max_steps', 10)``; the value is parsed as YAML."""
+    """``'train.max_steps=10'`` -> ``('train.max_steps', 10)``; the value is parsed as YAML, in the
+    config files' dialect (:class:`ConfigLoader`), so ``optim.lr=1e-3`` is a number."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.sub=value")
     key, raw = text.split("=", 1)
@@ -114,7 +175,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"override '{key}': cannot parse value {raw!r}: {err}") from None
     return key, value
@@ -128,7 +189,7 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] 
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
         if not isinstance(tree, dict):

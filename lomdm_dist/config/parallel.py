@@ -8,6 +8,7 @@ with a message that names the key instead of hanging in a collective.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,8 +30,15 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard norms, residuals and dropout along the sequence inside the tensor-parallel group
     (needs tp > 1 and data.seq_len divisible by tp)."""
-    microbatches: int = 1
-    """Pipeline microbatches per step; the local batch must divide by it. Ignored when pp is 1."""
+    microbatches: int = 0
+    """Pipeline microbatches per step; the local batch must divide by it. Ignored when pp is 1.
+    0 (the default) follows the layout: ``pp`` microbatches, the fewest with which 1F1B keeps every
+    pipeline rank busy, so ``parallel.pp=N`` alone is a complete layout whatever N is. The config
+    (and a run's saved config.yaml) keeps the 0; ``layout.validate_layout`` and
+    ``layout.parallel_section`` hand the pipeline the resolved count (see ``resolved``). An
+    explicit value is checked: at least ``pp`` for 1f1b, a whole number of rounds for
+    interleaved_1f1b. More microbatches shrink the pipeline bubble (idle fraction about
+    (pp - 1) / (microbatches + pp - 1)) at the cost of smaller per-stage matrix products."""
     activation_checkpointing: ActivationCheckpointing = "none"
     """Recompute activations in backward: none, selective (every other block) or full (every block)."""
     compile: bool = False
@@ -57,3 +65,15 @@ class ParallelConfig:
     def num_stages(self) -> int:
         """Pipeline stages in total (pp ranks times virtual stages per rank)."""
         return self.pp * self.virtual_stages
+
+    def resolved_microbatches(self) -> int:
+        """Microbatches the pipeline runs: ``microbatches``, or ``pp`` when it is 0 (automatic)."""
+        return self.microbatches or self.pp
+
+    def resolved(self) -> "ParallelConfig":
+        """This section with ``microbatches`` resolved: a copy when it is automatic under a pipeline,
+        else itself (with pp 1 nothing reads the count). The config keeps 0, so a run's saved
+        config stays valid when it resumes in another layout."""
+        if self.microbatches or self.pp == 1:
+            return self
+        return dataclasses.replace(self, microbatches=self.resolved_microbatches())

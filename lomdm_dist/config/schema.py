@@ -26,6 +26,9 @@ class RunConfig:
     """Run directory: resolved config, checkpoints/, metrics.jsonl and TensorBoard events live here."""
     name: str = ""
     """Optional human-readable run name (defaults to the directory name)."""
+    allow_config_change: bool = False
+    """Resume a run directory even when keys its checkpoint cannot continue under changed (model shape,
+    scheduler, c1/c2, seq_len, tokenizer, data set, seed); without it such a resume is refused."""
 
 
 @dataclass
@@ -52,6 +55,11 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     skip_corrupt_shards: bool = False
     """Skip (log and count) corrupt shards instead of failing."""
+    verify_checksums: bool = False
+    """Compare every training and validation shard's sha256 with its manifest when the run starts.
+    Catches corruption that keeps a shard's size (bit rot, a bad copy), which the size and token-id
+    checks miss, at the price of reading all the data once per process. A mismatch is a corrupt
+    shard: an error naming it, or skipped (training shards only) with skip_corrupt_shards."""
 
 
 @dataclass
@@ -82,8 +90,23 @@ class DiffusionConfig:
     """Block length of the 'block' scheduler (BD3LM); must divide the sequence length."""
     window_eps: float = 1e-3
     """Epsilon regularising the 'arm' and 'block' schedulers (strictly decreasing alpha)."""
+    time_sampling: Literal["auto", "importance", "truncated"] = "auto"
+    """How t is drawn (``lomdm_dist.diffusion.time_sampling``): ``importance`` estimates the NELBO over
+    the whole interval (0, 1] without bias; ``truncated`` is MDLM's t ~ U[t_eps, 1], which drops the
+    share t_eps^k of each position's loss (large for small learned exponents). ``auto``: importance
+    for lomdm, truncated for the fixed schedulers (numbers comparable with MDLM's)."""
+    is_power: float = 0.0
+    """Power b of the importance density lam * b t^(b-1) + (1 - lam); must stay below the smallest
+    exponent (c1 - c2 for lomdm) for finite variance. 0: half the smallest exponent."""
+    is_power_share: float = 0.2
+    """lam: the share of times drawn from the power part (the rest is uniform on (0, 1])."""
     t_eps: float = 1e-3
-    """Smallest diffusion time drawn in training and evaluation."""
+    """Smallest diffusion time drawn by the truncated time sampling."""
+    normsig: Literal["centered", "paper"] = "centered"
+    """NormSig variant. ``paper``: sigmoid(g) - mean sigmoid(g). ``centered``: the same on g minus its
+    row mean, so a common shift of g changes nothing; with ``paper`` the shift is a flat direction
+    along which the head's read-out drifts into saturation (every sigmoid at 1, zero spread, zero
+    gradient); see docs/method.md, "Keeping the learned order alive"."""
     antithetic: bool = True
     """Stratify t over the global batch (MDLM/GenMD4 antithetic sampling)."""
     masks_per_row: int = 0
@@ -133,6 +156,15 @@ class TrainConfig:
     """torch CPU threads (0: leave torch's default)."""
     async_checkpoint: bool = False
     """On GPU, write checkpoints in the background (Distributed Checkpoint's async save)."""
+    order_spread_floor: float = 0.01
+    """LoMDM: warn (console and TensorBoard ``order/warning``) when the spread of k_phi stays below this
+    for ``order_patience`` logged steps after warm-up, or when most of the phi head's sigmoids are
+    saturated: the learned order is then dead. 0 switches the check off."""
+    order_patience: int = 5
+    """Consecutive logged steps of a dead-looking order before the warning."""
+    export_safetensors: bool = False
+    """Also write consolidated model.safetensors / ema.safetensors into every checkpoint (a second copy
+    of the weights; ``python -m lomdm_dist.train.export`` makes one on demand instead)."""
 
 
 @dataclass
@@ -150,10 +182,12 @@ class SampleConfig:
     num: int = 2
     steps: int = 64
     """Reverse steps (NFE upper bound; caching skips calls when nothing changes)."""
-    t_min: float = 1e-5
-    """Last time of the uniform grid linspace(1, t_min, steps + 1)."""
+    t_min: float = 0.0
+    """Last time of the uniform grid linspace(1, t_min, steps + 1). 0 ends at t = 0, where every
+    position left is sampled; MDLM's 1e-5 leaves the share t_min^k_hat to the final argmax."""
     final_argmax: bool = True
-    """Fill positions still masked after the last step with the denoiser's argmax (MDLM)."""
+    """Fill positions still masked after the last step with the denoiser's argmax (MDLM); the count
+    is reported (``argmax_filled``). Nothing is left at t_min = 0."""
     reverse_c2_zero: bool = False
     """Ablation: reverse exponents k_hat = c1 for every position (random order)."""
     seed: int = 0
@@ -214,6 +248,10 @@ class Config:
             raise ConfigError(f"diffusion.window_eps must be in (0, 1), got {d.window_eps}")
         if not 0.0 < d.t_eps < 1.0:
             raise ConfigError(f"diffusion.t_eps must be in (0, 1), got {d.t_eps}")
+        from ..diffusion.time_sampling import check_time_sampling   # the rule lives beside the sampler
+        problem = check_time_sampling(d)
+        if problem:
+            raise ConfigError(problem)
         if not 0.0 <= d.mdlm_eps < 1.0:
             raise ConfigError(f"diffusion.mdlm_eps must be in [0, 1), got {d.mdlm_eps}")
         if d.masks_per_row < 0:
@@ -235,6 +273,10 @@ class Config:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
         if not 0.0 <= self.sample.t_min < 1.0:
             raise ConfigError(f"sample.t_min must be in [0, 1), got {self.sample.t_min}")
+        if t.order_patience <= 0:
+            raise ConfigError(f"train.order_patience must be positive, got {t.order_patience}")
+        if t.order_spread_floor < 0:
+            raise ConfigError(f"train.order_spread_floor must be >= 0, got {t.order_spread_floor}")
         if self.eval.t_samples <= 0:
             raise ConfigError(f"eval.t_samples must be positive, got {self.eval.t_samples}")
         if self.eval.max_batches < 0:

@@ -37,12 +37,12 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from kernels.scheduler import lomdm_schedule
 from kernels.velocity_loss import velocity_loss
 
 from ..config import DiffusionConfig
 from . import randomness
-from .schedulers import Scheduler
+from .schedulers import LoMDMScheduler, Scheduler
+from .time_sampling import TimeDraw, build_time_sampler
 
 
 @dataclass
@@ -79,28 +79,29 @@ def rloo_term(F: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def step_randomness(*, seed: int, step: int, rows: Tensor, global_batch: int, seq_len: int, num_masks: int,
                     cfg: DiffusionConfig, time_stream: int = randomness.STREAM_TIME,
-                    mask_stream: int = randomness.STREAM_MASK) -> tuple[Tensor, Tensor]:
-    """(t64 (B,) float64, uniforms (K, B, L) float64) for the global ``rows``."""
-    t64 = randomness.diffusion_times(seed, step, rows, global_batch, t_eps=cfg.t_eps, antithetic=cfg.antithetic,
-                                     stream=time_stream)
+                    mask_stream: int = randomness.STREAM_MASK) -> tuple[TimeDraw, Tensor]:
+    """(times (B,) with their weights, uniforms (K, B, L) float64) for the global ``rows``."""
+    u = randomness.stratified_uniforms(seed, step, rows, global_batch, antithetic=cfg.antithetic, stream=time_stream)
+    times = build_time_sampler(cfg).draw(u)
     uniforms = torch.stack([randomness.uniform(seed, step, mask_stream + r, rows, seq_len)
                             for r in range(num_masks)])
-    return t64, uniforms
+    return times, uniforms
 
 
-def draw_masks(scheduler: Scheduler, t64: Tensor, uniforms: Tensor, valid: Tensor,
-               k_draw: Tensor | None = None) -> Tensor:
+def draw_masks(scheduler: Scheduler, times: TimeDraw, uniforms: Tensor, k_draw: Tensor | None = None) -> Tensor:
     """(K, B, L) bool masks: position masked when its uniform is below P(masked at t).
 
-    For the learned scheduler ``k_draw`` holds the exponents k_phi (B, L) of pass 1.
+    Padding is masked like any position (as MDLM's forward process does); the loss leaves it out.
+    Masking it keeps the length of a padded row hidden from the denoiser and the psi head. For the
+    learned scheduler ``k_draw`` holds the exponents k_phi (B, L) of pass 1 (c1 at padding).
     """
     if scheduler.learned:
         if k_draw is None:
             raise ValueError("draw_masks: the lomdm scheduler needs the exponents k_phi of the clean pass")
-        p_masked = torch.exp(k_draw.double() * torch.log(t64)[:, None])
+        p_masked = torch.exp(k_draw.double() * times.log_t[:, None])
     else:
-        p_masked = torch.exp(scheduler.schedule(t64, valid.shape[1]).log_masked)
-    return (uniforms < p_masked) & valid
+        p_masked = torch.exp(scheduler.schedule(times.t, uniforms.shape[-1]).log_masked)
+    return uniforms < p_masked
 
 
 def masked_copies(x: Tensor, masks: Tensor, mask_token_id: int) -> Tensor:
@@ -127,7 +128,17 @@ def clean_features(model, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
 def draw_exponents(g_phi: Tensor, t: Tensor, valid: Tensor, cfg: DiffusionConfig) -> Tensor:
     """k_phi (B, L) without grad from the phi head's output: the exponents the masks are drawn with."""
     with torch.no_grad():
-        return lomdm_schedule(g_phi.detach(), t, valid, cfg.c1, cfg.c2, k_min=cfg.k_min).k
+        return learned_scheduler(cfg).exponents(g_phi.detach(), t, valid).k
+
+
+def learned_scheduler(cfg: DiffusionConfig) -> LoMDMScheduler:
+    """The lomdm scheduler of ``cfg`` (its c1, c2, k_min and NormSig variant)."""
+    return LoMDMScheduler(cfg.c1, cfg.c2, cfg.k_min, cfg.normsig)
+
+
+SATURATION_SLOPE = 1e-3
+"""A sigmoid counts as saturated where its slope sigma' is below this (|input| > 6.9): its
+position then barely moves its exponent, whatever the gradient."""
 
 
 @dataclass
@@ -144,12 +155,34 @@ class PassLoss:
     """Detached sums and counts the step statistics are made of (added across microbatches)."""
 
 
+def _f64(value: float, device) -> Tensor:
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
+def _order_sums(prefix: str, k: Tensor, saturated: Tensor | None = None) -> dict[str, Tensor]:
+    """Sum, square sum and count of exponents (and the count of saturated sigmoids) for statistics."""
+    k = k.detach().double()
+    sums = {f"{prefix}_sum": k.sum(), f"{prefix}_sqsum": (k ** 2).sum(), f"{prefix}_count": _f64(k.numel(), k.device)}
+    if saturated is not None:
+        sums[f"{prefix}_saturated"] = saturated.double().sum()
+    return sums
+
+
+def _saturated(sig_input: Tensor) -> Tensor:
+    sig = torch.sigmoid(sig_input.detach().float())
+    return sig * (1.0 - sig) < SATURATION_SLOPE
+
+
 def masked_pass_loss(model, scheduler: Scheduler, *, h: Tensor, c: Tensor, x: Tensor, valid: Tensor,
-                     masks: Tensor, t64: Tensor, cfg: DiffusionConfig, g_phi: Tensor | None = None,
+                     masks: Tensor, times: TimeDraw, cfg: DiffusionConfig, g_phi: Tensor | None = None,
                      h_clean: Tensor | None = None, c_clean: Tensor | None = None,
                      token_loss: TokenLoss = velocity_loss) -> PassLoss:
     """NELBO terms and RLOO surrogate of rows ``x`` (B, L) from the features ``h`` (K*B, L, d) of
     their masked copies (conditioning ``c`` (K*B, cond_dim)).
+
+    Token losses are computed with the t-scaled velocities v = A t (k for lomdm, so finite at any
+    t) and each row's sum is multiplied by ``times.row_weight`` = w(t) / t (see
+    ``lomdm_dist.diffusion.time_sampling``); only masked, non-padding positions are scored.
 
     For the learned scheduler ``g_phi`` (B, L) is the phi head's output with grad; when it is not
     given, the head is applied here to the stored clean features ``h_clean`` (B, L, d) (detached
@@ -158,7 +191,6 @@ def masked_pass_loss(model, scheduler: Scheduler, *, h: Tensor, c: Tensor, x: Te
     """
     backbone = model.backbone
     K, B, L = masks.shape
-    t = t64.to(torch.float32)
     sums: dict[str, Tensor] = {}
     log_q = None
     if scheduler.learned:
@@ -167,55 +199,62 @@ def masked_pass_loss(model, scheduler: Scheduler, *, h: Tensor, c: Tensor, x: Te
                 raise ValueError("masked_pass_loss: the lomdm scheduler needs g_phi or the clean features "
                                  "h_clean and c_clean")
             g_phi = model.phi(h_clean, c_clean).float()
-        sched = lomdm_schedule(g_phi, t, valid, cfg.c1, cfg.c2, masks=masks, k_min=cfg.k_min)
-        velocity, log_q = sched.velocity, sched.log_q
-        k_valid = sched.k[valid].detach().double()
-        sums.update(k_phi_sum=k_valid.sum(), k_phi_sqsum=(k_valid ** 2).sum(),
-                    k_phi_count=torch.tensor(float(k_valid.numel()), dtype=torch.float64, device=x.device))
+        sched = scheduler.exponents(g_phi, times.t, valid, masks=masks)
+        scaled_velocity, log_q = sched.k, sched.log_q
+        g_in = scheduler.normsig_input(g_phi.detach(), valid)
+        sums.update(_order_sums("k_phi", sched.k[valid], _saturated(g_in[valid])))
+        sums.update(g_phi_sum=g_phi.detach()[valid].double().sum())
     else:
-        velocity = scheduler.schedule(t64, L).velocity.to(torch.float32)
+        schedule = scheduler.schedule(times.t, L)
+        scaled_velocity = (schedule.velocity * times.t[:, None]).to(torch.float32)
 
-    t_rep = t.repeat(K)
-    sel = masks.reshape(K * B, L)
-    row_of_token = sel.nonzero(as_tuple=True)[0]
-    logits = backbone.output_logits(h[sel], c[row_of_token])
-    targets = x.repeat(K, 1)[sel]
-    A = velocity.unsqueeze(0).expand(K, B, L).reshape(K * B, L)[sel]
+    loss_positions = (masks & valid).reshape(K * B, L)
+    row_of_token = loss_positions.nonzero(as_tuple=True)[0]
+    logits = backbone.output_logits(h[loss_positions], c[row_of_token])
+    targets = x.repeat(K, 1)[loss_positions]
+    v = scaled_velocity.unsqueeze(0).expand(K, B, L).reshape(K * B, L)[loss_positions]
     if scheduler.learned:
+        # psi sees only z_t, so its NormSig runs over every position, as when sampling.
+        every = torch.ones(K * B, L, dtype=torch.bool, device=x.device)
+        g_psi = model.psi(h, c).float()
+        k_hat = scheduler.exponents(g_psi, times.t.repeat(K), every).k
+        v_hat = k_hat[loss_positions]
         valid_rep = valid.repeat(K, 1)
-        k_hat = lomdm_schedule(model.psi(h, c).float(), t_rep, valid_rep, cfg.c1, cfg.c2, k_min=cfg.k_min).k
-        A_hat = (k_hat / t_rep[:, None])[sel]
-        k_hat_valid = k_hat[valid_rep].detach().double()
-        sums.update(k_hat_sum=k_hat_valid.sum(),
-                    k_hat_count=torch.tensor(float(k_hat_valid.numel()), dtype=torch.float64, device=x.device))
+        sums.update(_order_sums("k_hat", k_hat[valid_rep],
+                                _saturated(scheduler.normsig_input(g_psi.detach(), every)[valid_rep])))
     else:
-        A_hat = A
-    l_main, l_vel = token_loss(logits, targets, A.float(), A_hat.float(), mask_token_id=model.mask_token_id)
+        v_hat = v
+    l_main, l_vel = token_loss(logits, targets, v.float(), v_hat.float(), mask_token_id=model.mask_token_id)
 
+    weight = times.row_weight.repeat(K).to(torch.float32)
     zeros = torch.zeros(K * B, device=x.device, dtype=torch.float32)
-    F_main = zeros.index_add(0, row_of_token, l_main).view(K, B)
-    F_vel = zeros.index_add(0, row_of_token, l_vel).view(K, B)
+    F_main = (zeros.index_add(0, row_of_token, l_main) * weight).view(K, B)
+    F_vel = (zeros.index_add(0, row_of_token, l_vel) * weight).view(K, B)
     F = F_main + F_vel
     surrogate = F.mean(0)
     if log_q is not None and K > 1:
         surrogate = surrogate + rloo_term(F, log_q)
-    sums.update(masked=masks.sum().double(), valid_copies=(valid.sum() * K).double(), t_sum=t.sum().double(),
-                rows=torch.tensor(float(B), dtype=torch.float64, device=x.device))
+    sums.update(masked=(masks & valid).sum().double(), valid_copies=(valid.sum() * K).double(),
+                t_sum=times.t.sum().double(), rows=_f64(B, x.device))
     return PassLoss(surrogate=surrogate, F_main=F_main.detach(), F_vel=F_vel.detach(), sums=sums)
 
 
 def _statistics(sums: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Step statistics from the sums over all row sets: mean and (unbiased) std of k_phi over valid
-    positions, mean k_hat, masked fraction, mean t."""
+    """Step statistics from the sums over all row sets: mean and (unbiased) std over valid positions
+    of k_phi and k_hat (the spread is what says whether an order is learned), the share of their
+    saturated sigmoids, the mean of g_phi, masked fraction, mean t."""
     stats: dict[str, Tensor] = {}
-    if "k_phi_sum" in sums:
-        n = sums["k_phi_count"]
-        mean = sums["k_phi_sum"] / n.clamp(min=1)
-        var = (sums["k_phi_sqsum"] - n * mean ** 2) / (n - 1).clamp(min=1)
-        stats["k_phi_mean"] = mean.float()
-        stats["k_phi_std"] = var.clamp(min=0).sqrt().float()
-    if "k_hat_sum" in sums:
-        stats["k_hat_mean"] = (sums["k_hat_sum"] / sums["k_hat_count"].clamp(min=1)).float()
+    for prefix in ("k_phi", "k_hat"):
+        if f"{prefix}_sum" not in sums:
+            continue
+        n = sums[f"{prefix}_count"]
+        mean = sums[f"{prefix}_sum"] / n.clamp(min=1)
+        var = (sums[f"{prefix}_sqsum"] - n * mean ** 2) / (n - 1).clamp(min=1)
+        stats[f"{prefix}_mean"] = mean.float()
+        stats[f"{prefix}_std"] = var.clamp(min=0).sqrt().float()
+        stats[f"{prefix}_saturated"] = (sums[f"{prefix}_saturated"] / n.clamp(min=1)).float()
+    if "g_phi_sum" in sums:
+        stats["g_phi_mean"] = (sums["g_phi_sum"] / sums["k_phi_count"].clamp(min=1)).float()
     stats["masked_fraction"] = (sums["masked"] / sums["valid_copies"].clamp(min=1)).float()
     stats["t_mean"] = (sums["t_sum"] / sums["rows"]).float()
     return stats
@@ -269,20 +308,22 @@ def diffusion_loss(model, scheduler: Scheduler, x: torch.Tensor, *, cfg: Diffusi
     tokens = valid.sum().to(torch.float32)
     if normalizer is None:
         normalizer = tokens.clamp(min=1.0)
-    t64, uniforms = step_randomness(seed=seed, step=step, rows=rows.to(x.device), global_batch=global_batch,
-                                    seq_len=L, num_masks=K, cfg=cfg, time_stream=time_stream, mask_stream=mask_stream)
-    t = t64.to(torch.float32)
+    times, uniforms = step_randomness(seed=seed, step=step, rows=rows.to(x.device), global_batch=global_batch,
+                                      seq_len=L, num_masks=K, cfg=cfg, time_stream=time_stream,
+                                      mask_stream=mask_stream)
+    t = times.t.to(torch.float32)
     g_phi = k_draw = None
     if scheduler.learned:
         # Pass 1: clean features for the forward scheduler (no gradient to the backbone).
         h_clean, c_clean = clean_features(model, x, t)
         g_phi = model.phi(h_clean, c_clean).float()
-        k_draw = draw_exponents(g_phi, t, valid, cfg)
-    masks = draw_masks(scheduler, t64, uniforms, valid, k_draw)
+        with torch.no_grad():
+            k_draw = scheduler.exponents(g_phi.detach(), times.t, valid).k
+    masks = draw_masks(scheduler, times, uniforms, k_draw)
     # Passes 2..K+1: the K masked copies in one batch.
     z = masked_copies(x, masks, model.mask_token_id)
     c = backbone.conditioning(K * B, conditioning_sigma(backbone, t.repeat(K)))
     h = backbone.features(z, c)
-    part = masked_pass_loss(model, scheduler, h=h, c=c, x=x, valid=valid, masks=masks, t64=t64, cfg=cfg,
+    part = masked_pass_loss(model, scheduler, h=h, c=c, x=x, valid=valid, masks=masks, times=times, cfg=cfg,
                             g_phi=g_phi, token_loss=token_loss)
     return assemble_loss([part], normalizer=normalizer, tokens=tokens, reduce_sums=reduce_sums)

@@ -72,14 +72,22 @@ def uniform(seed: int, step: int, stream: int, rows: torch.Tensor, num_positions
     return (hi * (1 << 27) + lo).to(torch.float64) * (1.0 / (1 << 53))
 
 
-def diffusion_times(seed: int, step: int, rows: torch.Tensor, global_batch: int, *, t_eps: float,
-                    antithetic: bool = True, stream: int = STREAM_TIME) -> torch.Tensor:
-    """Per-row diffusion times in [t_eps, 1], float64, shape (len(rows),).
+def stratified_uniforms(seed: int, step: int, rows: torch.Tensor, global_batch: int, *, antithetic: bool = True,
+                        stream: int = STREAM_TIME) -> torch.Tensor:
+    """One uniform in [0, 1) per row, float64, shape (len(rows),).
 
     Antithetic (stratified) sampling as MDLM: global row i draws u_i in [i/n, (i+1)/n) with
-    n = ``global_batch``, so the global batch covers [0, 1) evenly whatever the split.
+    n = ``global_batch``, so the global batch covers [0, 1) evenly whatever the split. The time
+    sampler (``lomdm_dist.diffusion.time_sampling``) maps these to times.
     """
     u = uniform(seed, step, stream, rows, 1)[:, 0]
     if antithetic:
         u = torch.remainder(u / global_batch + rows.to(torch.float64) / global_batch, 1.0)
+    return u
+
+
+def diffusion_times(seed: int, step: int, rows: torch.Tensor, global_batch: int, *, t_eps: float,
+                    antithetic: bool = True, stream: int = STREAM_TIME) -> torch.Tensor:
+    """Per-row times of the truncated sampler, uniform in [t_eps, 1] (float64, (len(rows),))."""
+    u = stratified_uniforms(seed, step, rows, global_batch, antithetic=antithetic, stream=stream)
     return (1.0 - t_eps) * u + t_eps

@@ -1,7 +1,10 @@
 """Ancestral sampling of masked diffusion models with position-dependent reverse velocity.
 
 Reverse process (docs/method.md section 6.1): start all-mask at t = 1 and walk the uniform grid
-``t_j = linspace(1, t_min, steps + 1)``. At step j (t = t_j, s = t_{j+1}) every masked position i
+``t_j = linspace(1, t_min, steps + 1)``. The default t_min = 0 ends the walk exactly at t = 0, where
+every position still masked unmasks with probability 1 and is *sampled*; with t_min > 0 (MDLM's
+1e-5) the share t_min^k_hat of positions is still masked at the end (56% at k_hat = 0.05, 10% at
+0.2) and filled by the denoiser's argmax, which ``SampleResult.argmax_filled`` counts. At step j (t = t_j, s = t_{j+1}) every masked position i
 becomes clean with probability
 
     P_i = (alpha_i(s) - alpha_i(t)) / (1 - alpha_i(t))        (= 1 - (s/t)^k_hat_i for lomdm)
@@ -31,8 +34,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.scheduler import lomdm_schedule
-
 from ..config import DiffusionConfig
 from .schedulers import Scheduler
 
@@ -46,6 +47,9 @@ class SampleResult:
     not unmasked by any step (filled by the final argmax, or left masked without it)."""
     model_calls: int
     """Backbone evaluations actually made, summed over batches (caching skips calls)."""
+    argmax_filled: int = 0
+    """Positions still masked after the last step and filled by the final argmax (0 when the grid
+    ends at t = 0)."""
 
 
 def time_grid(steps: int, t_min: float, device: torch.device | str | None = None) -> Tensor:
@@ -108,12 +112,11 @@ class _Denoiser:
         self.k_hat = None
         if self.scheduler.learned and with_exponents:
             if self.reverse_c2_zero:
-                self.k_hat = torch.full(z.shape, self.cfg.c1, dtype=torch.float64, device=z.device)
+                self.k_hat = torch.full(z.shape, float(self.scheduler.c1), dtype=torch.float64, device=z.device)
             else:
                 g = self.model.psi(self.h, self.c).float()
                 valid = torch.ones_like(z, dtype=torch.bool)
-                self.k_hat = lomdm_schedule(g, t.to(torch.float32), valid, self.cfg.c1, self.cfg.c2,
-                                            k_min=self.cfg.k_min).k.to(torch.float64)
+                self.k_hat = self.scheduler.exponents(g, t, valid).k.to(torch.float64)
 
     def logits_at(self, positions: Tensor) -> Tensor:
         """Logits (N, V) at the (B, L) boolean selection ``positions`` from the cached features."""
@@ -138,14 +141,14 @@ def _check_arguments(model, scheduler: Scheduler, num: int, seq_len: int, steps:
 
 
 def _model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
     return torch.device("cpu")
 
 
 def _sample_batch(denoiser: _Denoiser, scheduler: Scheduler, grid: Tensor, batch: int, seq_len: int,
                   mask_id: int, final_argmax: bool, generator: torch.Generator, device: torch.device,
-                  progress_bar) -> tuple[Tensor, Tensor]:
+                  progress_bar) -> tuple[Tensor, Tensor, int]:
     steps = grid.numel() - 1
     z = torch.full((batch, seq_len), mask_id, dtype=torch.long, device=device)
     order = torch.full((batch, seq_len), steps, dtype=torch.long, device=device)
@@ -169,15 +172,17 @@ def _sample_batch(denoiser: _Denoiser, scheduler: Scheduler, grid: Tensor, batch
         if progress_bar is not None:
             progress_bar.update(1)
     remaining = z == mask_id
+    filled = 0
     if final_argmax and bool(remaining.any()):
         denoiser.evaluate(z, grid[-1].expand(batch), with_exponents=False)
         z[remaining] = subs_argmax(denoiser.logits_at(remaining), mask_id)
-    return z, order
+        filled = int(remaining.sum())
+    return z, order, filled
 
 
 @torch.no_grad()
 def sample(model, scheduler: Scheduler, *, num: int, seq_len: int, steps: int, diffusion_cfg: DiffusionConfig,
-           t_min: float = 1e-5, final_argmax: bool = True, reverse_c2_zero: bool = False,
+           t_min: float = 0.0, final_argmax: bool = True, reverse_c2_zero: bool = False,
            seed: int = 0, batch_size: int | None = None, device=None, progress: bool = False) -> SampleResult:
     """Draw ``num`` sequences of length ``seq_len`` with ``steps`` reverse steps (see module docstring).
 
@@ -203,13 +208,14 @@ def sample(model, scheduler: Scheduler, *, num: int, seq_len: int, steps: int, d
         progress_bar = tqdm(total=n_batches * steps, desc="sampling", unit="step")
     was_training = model.training
     model.eval()
-    tokens, orders, calls = [], [], 0
+    tokens, orders, calls, filled = [], [], 0, 0
     try:
         for start in range(0, num, batch_size):
             batch = min(batch_size, num - start)
             denoiser = _Denoiser(model, scheduler, diffusion_cfg, reverse_c2_zero)
-            z, order = _sample_batch(denoiser, scheduler, grid, batch, seq_len, mask_id, final_argmax,
-                                     generator, device, progress_bar)
+            z, order, batch_filled = _sample_batch(denoiser, scheduler, grid, batch, seq_len, mask_id,
+                                                   final_argmax, generator, device, progress_bar)
+            filled += batch_filled
             tokens.append(z)
             orders.append(order)
             calls += denoiser.calls
@@ -217,4 +223,4 @@ def sample(model, scheduler: Scheduler, *, num: int, seq_len: int, steps: int, d
         model.train(was_training)
         if progress_bar is not None:
             progress_bar.close()
-    return SampleResult(tokens=torch.cat(tokens), order=torch.cat(orders), model_calls=calls)
+    return SampleResult(tokens=torch.cat(tokens), order=torch.cat(orders), model_calls=calls, argmax_filled=filled)

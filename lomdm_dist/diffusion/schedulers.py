@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.scheduler import ScheduleOut, lomdm_schedule
+
 from ..config import DiffusionConfig
 
 
@@ -123,13 +125,19 @@ class Windowed(Scheduler):
 
 
 class LoMDMScheduler(Scheduler):
-    """1 - alpha = t^k with exponents k from the phi head (forward) or psi head (reverse)."""
+    """1 - alpha = t^k with exponents k from the phi head (forward) or psi head (reverse).
+
+    The scheduler owns its parameters: :meth:`exponents` turns a head's output g into k (and alpha,
+    velocity, log q) with this scheduler's c1, c2, k_min and NormSig variant, through the kernel.
+    """
 
     name = "lomdm"
     learned = True
 
-    def __init__(self, c1: float, c2: float, k_min: float = 1e-4):
-        self.c1, self.c2, self.k_min = c1, c2, k_min
+    def __init__(self, c1: float, c2: float, k_min: float = 1e-4, normsig: str = "centered"):
+        if normsig not in ("centered", "paper"):
+            raise ValueError(f"normsig must be 'centered' or 'paper', got {normsig!r}")
+        self.c1, self.c2, self.k_min, self.normsig = c1, c2, k_min, normsig
 
     def schedule(self, t, seq_len, k=None):
         if k is None:
@@ -137,6 +145,22 @@ class LoMDMScheduler(Scheduler):
         log_t = torch.log(_times(t))
         log_masked = k * log_t
         return Schedule(log_masked=log_masked, log_clean=log1mexp(log_masked), velocity=k / _times(t))
+
+    def normsig_input(self, g: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """What enters the sigmoid of NormSig: g itself (``paper``) or g minus its mean over the row's
+        valid positions (``centered``). Centring makes k invariant to a common shift of g, which
+        otherwise is a direction with (almost) no gradient that Adam can walk the read-out along
+        until every sigmoid saturates (docs/method.md, "Keeping the learned order alive")."""
+        if self.normsig == "paper":
+            return g
+        weight = valid.to(g.dtype)
+        mean = (g * weight).sum(-1, keepdim=True) / weight.sum(-1, keepdim=True).clamp(min=1.0)
+        return g - mean
+
+    def exponents(self, g: torch.Tensor, t: torch.Tensor, valid: torch.Tensor,
+                  masks: torch.Tensor | None = None) -> ScheduleOut:
+        """k, alpha, velocity (B, L) and log q (K, B) of masks, from the head output g (B, L)."""
+        return lomdm_schedule(self.normsig_input(g, valid), t, valid, self.c1, self.c2, masks, k_min=self.k_min)
 
 
 def build_scheduler(cfg: DiffusionConfig) -> Scheduler:
@@ -149,5 +173,5 @@ def build_scheduler(cfg: DiffusionConfig) -> Scheduler:
     if cfg.scheduler == "block":
         return Windowed(cfg.block_size, cfg.window_eps, "block")
     if cfg.scheduler == "lomdm":
-        return LoMDMScheduler(cfg.c1, cfg.c2, cfg.k_min)
+        return LoMDMScheduler(cfg.c1, cfg.c2, cfg.k_min, cfg.normsig)
     raise ValueError(f"diffusion.scheduler: unknown scheduler {cfg.scheduler!r}")

@@ -1,7 +1,7 @@
 """Validation NELBO and perplexity, MDLM's ``ppl_eval`` protocol, for one process or any layout.
 
-One pass over the split; for each row ``t_samples`` diffusion times (antithetic across the batch)
-and one mask each; L_main and L_velocity both counted (the bound needs both); sums in float64;
+One pass over the split; for each row ``t_samples`` diffusion times (antithetic across the batch,
+drawn by the configured time sampling: the whole interval for lomdm) and one mask each; L_main and L_velocity both counted (the bound needs both); sums in float64;
 perplexity = exp(NELBO per token). The draws come from the eval streams of the counter-based RNG,
 keyed by each row's index in the split, so every evaluation of a run sees the same t and masks,
 its numbers are comparable over time, and they do not depend on how the rows are spread over
@@ -68,7 +68,8 @@ def validation_nelbo(model, scheduler: Scheduler, batches: Iterable[torch.Tensor
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    totals = torch.zeros(4, dtype=torch.float64, device=device)   # nelbo, l_main, l_velocity, tokens
+    # nelbo, l_main, l_velocity, tokens, and for the standard error: sum F_b^2, sum F_b n_b, sum n_b^2
+    totals = torch.zeros(7, dtype=torch.float64, device=device)
     first = first_row
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
@@ -80,20 +81,38 @@ def validation_nelbo(model, scheduler: Scheduler, batches: Iterable[torch.Tensor
             batch, valid = _padded(batch, valid, split.multiple)
             rows = split.rows(batch.shape[0]).to(device)
             x, valid = batch[rows], valid[rows]
+            row_nelbo = torch.zeros(x.shape[0], dtype=torch.float64, device=device)
             for sample_index in range(t_samples):
                 with autocast:
                     out = loss_fn(model, scheduler, x, cfg=cfg, seed=seed, step=sample_index, rows=rows + first,
                                   global_batch=size, valid=valid, num_masks=1, normalizer=1.0,
                                   time_stream=randomness.STREAM_EVAL_TIME, mask_stream=randomness.STREAM_EVAL_MASK)
-                totals[0] += out.row_nelbo.sum() / t_samples
+                row_nelbo += out.row_nelbo.to(device) / t_samples
                 totals[1] += out.l_main.double() / t_samples
                 totals[2] += out.l_velocity.double() / t_samples
-            totals[3] += valid.sum()
+            row_tokens = valid.sum(1).double()
+            totals[0] += row_nelbo.sum()
+            totals[3] += row_tokens.sum()
+            totals[4] += (row_nelbo ** 2).sum()
+            totals[5] += (row_nelbo * row_tokens).sum()
+            totals[6] += (row_tokens ** 2).sum()
             first += size
     finally:
         model.train(was_training)
     totals = split.reduce(totals)
     tokens = max(totals[3].item(), 1.0)
     nelbo = totals[0].item() / tokens
-    return {"val_nelbo": nelbo, "val_ppl": math.exp(min(nelbo, 700.0)), "val_tokens": totals[3].item(),
+    return {"val_nelbo": nelbo, "val_nelbo_se": ratio_standard_error(totals[4:7].tolist(), nelbo, tokens),
+            "val_ppl": math.exp(min(nelbo, 700.0)), "val_tokens": totals[3].item(),
             "val_l_main": totals[1].item() / tokens, "val_l_velocity": totals[2].item() / tokens}
+
+
+def ratio_standard_error(moments: list[float], ratio: float, tokens: float) -> float:
+    """Standard error of the per-token NELBO R = sum_b F_b / sum_b n_b over rows b (delta method):
+    sqrt(sum_b (F_b - R n_b)^2) / sum_b n_b, from the sums of F_b^2, F_b n_b and n_b^2.
+
+    Rows are treated as independent draws; antithetic times make neighbouring rows negatively
+    correlated, so this slightly overstates the error of the stratified estimate."""
+    f2, fn, n2 = moments
+    residual = max(f2 - 2.0 * ratio * fn + ratio * ratio * n2, 0.0)
+    return math.sqrt(residual) / tokens

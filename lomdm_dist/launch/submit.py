@@ -49,9 +49,15 @@ class JobSpec:
     layout: dict[str, Any]
     job: TrainingJob
     warnings: tuple[str, ...] = ()
+    config_file_shown: str = ""
+    """How ``describe()`` names the config file: the file does not exist until :func:`submit_job`
+    writes it, and its default name carries the time of that submission, not of the dry run."""
 
     def describe(self) -> dict[str, Any]:
+        """The job as ``--dry-run`` prints it. It names the config file the tasks will train from
+        as it will be written at submission, and writes nothing itself."""
         task_command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(self.folder)])
+        config_file = self.config_file_shown or self.job.config_file
         return {
             "cluster": self.cluster,
             "job_folder": self.folder,
@@ -62,7 +68,7 @@ class JobSpec:
             "tasks": self.nodes * self.tasks_per_node,
             "world_size": self.world_size,
             "task_command": task_command,
-            "trainer_command": self.job.command,
+            "trainer_command": [*self.job.trainer_command, config_file],
             "workdir": self.job.workdir,
             "environment": {
                 "defaults_unless_set": self.job.default_env,
@@ -77,7 +83,7 @@ class JobSpec:
                         "signal_delay_s": self.executor_parameters.get("slurm_signal_delay_s"),
                         "stop_timeout_s": self.job.stop_timeout_s, "max_requeues": self.job.max_requeues},
             "run_dir": self.job.run_dir,
-            "config_file": self.job.config_file,
+            "config_written_at_submission": config_file,
             "max_steps": self.job.max_steps,
             "warnings": list(self.warnings),
         }
@@ -146,8 +152,10 @@ def build_job_spec(cfg: Config, *, cluster: Cluster = "slurm", config_file: str 
     world_size = s.world_size
     layout = resolve_layout(cfg, world_size)
     run_dir = Path(cfg.run.dir).resolve()
+    shown = ""
     if config_file is None:
         config_file = str(run_dir / "slurm" / f"config-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.yaml")
+        shown = str(run_dir / "slurm" / "config-<submission time>.yaml")
     job = TrainingJob(
         config_file=str(Path(config_file).resolve()), run_dir=str(run_dir), max_steps=cfg.train.max_steps,
         workdir=str(Path(workdir or os.getcwd()).resolve()),
@@ -156,7 +164,8 @@ def build_job_spec(cfg: Config, *, cluster: Cluster = "slurm", config_file: str 
         **({"trainer_command": tuple(trainer_command)} if trainer_command is not None else {}))
     return JobSpec(cluster=cluster, folder=str(run_dir / "slurm" / "%j"), executor_parameters=executor_parameters(cfg),
                    max_num_timeout=s.max_requeues, nodes=s.nodes, tasks_per_node=s.gpus_per_node,
-                   world_size=world_size, layout=layout, job=job, warnings=tuple(data_problems(cfg)))
+                   world_size=world_size, layout=layout, job=job, warnings=tuple(data_problems(cfg)),
+                   config_file_shown=shown)
 
 
 def submit_job(cfg: Config, spec: JobSpec):
@@ -183,11 +192,30 @@ _FLAG_TO_KEY = {"nodes": "nodes", "gpus_per_node": "gpus_per_node", "partition":
                 "job_name": "job_name"}
 
 
+CONFIG_ONLY_KEYS = {
+    "slurm.env": "environment of every task, {NAME: value}; null drops a default",
+    "slurm.setup": "shell lines run before the tasks start (module load ..., source venv/bin/activate)",
+    "slurm.mem_gb": "memory per node in GB (0: Slurm's default)",
+    "slurm.cpus_per_task": "CPU cores per task, i.e. per GPU (0: Slurm's default)",
+    "slurm.signal_delay_s": "seconds before the time limit at which the job is told to save and requeue",
+    "slurm.stop_timeout_s": "seconds a task waits for the trainer to save before it is killed",
+    "slurm.max_requeues": "requeues (time-outs and preemptions) after which the job stops",
+}
+"""Keys of the ``slurm`` section that have no flag; ``--help`` lists them so that nobody has to read
+the schema to find out how to set the tasks' environment or memory."""
+
+EPILOG = ("settings without a flag (the config's slurm: section, or slurm.KEY=VALUE overrides):\n"
+          + "".join(f"  {key:<22}{text}\n" for key, text in CONFIG_ONLY_KEYS.items())
+          + "example:\n  python launchers/slurm.py --nodes 8 configs/1b.yaml 'slurm.env={NCCL_DEBUG: INFO}' "
+            "slurm.mem_gb=480 \\\n      'slurm.setup=[module load cuda, source venv/bin/activate]'")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python launchers/slurm.py",
         description="Submit a training run to Slurm (one task per GPU, requeue on time-out and preemption). "
-                    "Flags override the config's slurm section.")
+                    "Flags override the config's slurm section.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, help="nodes (slurm.nodes)")
     parser.add_argument("--gpus-per-node", type=int, help="GPUs and tasks per node (slurm.gpus_per_node)")
     parser.add_argument("--partition", help="Slurm partition (slurm.partition)")
@@ -198,7 +226,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=None,
                         help="whole nodes (slurm.exclusive)")
     parser.add_argument("--job-name", help="job name (slurm.job_name)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved job as JSON and submit nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved job as JSON; submit and write nothing")
     parser.add_argument("--local", action="store_true",
                         help="run the job on this machine through submitit's local executor (one node)")
     parser.add_argument("config", help="YAML config file, e.g. configs/1b.yaml")

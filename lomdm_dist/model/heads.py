@@ -3,7 +3,9 @@
 Each head is one extra DiT block of backbone width followed by an MLP read-out giving one scalar
 per position. The head reads the backbone's features and conditioning *detached*: the scheduler is
 trained only through its own terms of the objective, the backbone only through the denoising loss.
-The last Linear is zero-initialised, so every exponent starts at ``c1`` (the polynomial schedule).
+The last Linear is zero-initialised, so every exponent starts at ``c1`` (the polynomial schedule),
+and has no bias: NormSig ignores a common shift of g (exactly, in its centred form), so a bias could
+only collect rounding noise, which Adam's normalised steps would turn into a random walk.
 
 The head's block has no dropout: the phi head may be applied twice to the same features (once
 without grad to draw the masks, once with grad for the RLOO surrogate, e.g. under pipeline
@@ -27,7 +29,7 @@ class SchedulerHead(nn.Module):
         self.norm = FP32LayerNorm(d_model)
         self.proj = nn.Linear(d_model, hidden)
         self.act = nn.GELU(approximate="tanh")
-        self.out = nn.Linear(hidden, 1)
+        self.out = nn.Linear(hidden, 1, bias=False)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -36,7 +38,6 @@ class SchedulerHead(nn.Module):
         self.norm.reset_parameters()
         self.proj.reset_parameters()
         nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
 
     def forward(self, h: Tensor, c: Tensor) -> Tensor:
         if h.dim() != 3 or c.dim() != 2 or c.shape[0] != h.shape[0]:

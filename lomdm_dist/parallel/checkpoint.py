@@ -11,10 +11,16 @@ Directory, marker and atomic rename are the protocol of ``lomdm_dist.train.check
 1. rank 0 makes ``checkpoints/.tmp-step-XXXXXXXX-<token>`` and shares its path; every rank writes
    its DCP shards and its RNG state (``ranks/rank<r>-of-<world>.pt``); each data-parallel slice's
    first rank adds the slice's data-loader state (``data/dp<i>-of-<n>.pt``);
-2. after a barrier rank 0 writes ``trainer.pt``, ``config.yaml``, ``meta.json`` (step, layout) and
-   the consolidated ``model.safetensors`` / ``ema.safetensors`` (read back from the shards, so the
-   layout does not matter), then hashes everything into the ``COMPLETE`` marker, renames and
-   prunes; a final barrier lets no rank run ahead of the rename.
+2. after a barrier rank 0 writes ``trainer.pt``, ``config.yaml`` and ``meta.json`` (step, layout),
+   then hashes everything into the ``COMPLETE`` marker, renames and prunes; a final barrier lets
+   no rank run ahead of the rename.
+
+The weights are stored once, in the shards: every reader (resume, ``load_inference_model``,
+``load_checkpoint``, the tools) assembles full tensors from them in one process
+(:func:`full_tensors`). A consolidated ``model.safetensors`` / ``ema.safetensors`` copy, for tools
+outside this code base, is written only on request (``export_weights=True``, the trainer's
+``train.export_safetensors``; read back from the shards, so the layout does not matter) or
+afterwards with ``python -m lomdm_dist.train.export``.
 
 ``async_save`` (worth it on GPU) returns a :class:`PendingCheckpoint` whose ``finish()`` waits for
 the background write and then runs step 2; until then the directory is not complete.
@@ -122,12 +128,32 @@ def full_tensors(state_dir: Path, prefix: str) -> dict[str, torch.Tensor]:
     return template
 
 
-def _export_weights(tmp: Path) -> None:
-    """The consolidated ``model.safetensors`` (and ``ema.safetensors``) of the shards in ``tmp``."""
+def saved_parts(state_dir: Path) -> set[str]:
+    """The top-level parts of a saved state (``model``, ``ema``, ``optimizer``), from DCP's metadata alone."""
+    try:
+        metadata = FileSystemReader(str(state_dir)).read_metadata().state_dict_metadata
+    except Exception as err:  # a missing or damaged .metadata file: name the directory, not DCP's internals
+        raise CheckpointError(f"{state_dir}: unreadable Distributed Checkpoint metadata "
+                              f"({type(err).__name__}: {err})") from None
+    return {key.split(".", 1)[0] for key in metadata}
+
+
+def export_consolidated(ckpt: Path, out_dir: Path) -> list[Path]:
+    """Write the consolidated ``model.safetensors`` (and ``ema.safetensors`` when an EMA was saved)
+    of the shards of checkpoint directory ``ckpt`` into ``out_dir``; returns the files written.
+
+    Each file is written under a temporary name and renamed, so a reader never sees half a file.
+    """
+    written = []
     for prefix, name in (("model", WEIGHTS_FILE), ("ema", EMA_WEIGHTS_FILE)):
-        tensors = full_tensors(tmp / STATE_DIR, prefix)
+        tensors = full_tensors(ckpt / STATE_DIR, prefix)
         if tensors:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
+            target = out_dir / name
+            tmp = out_dir / f".{name}.{os.getpid()}.tmp"
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            os.replace(tmp, target)
+            written.append(target)
+    return written
 
 
 @dataclass
@@ -140,6 +166,7 @@ class _Completion:
     config_yaml: str
     meta: dict
     keep: int
+    export_weights: bool = False
 
     def run(self) -> Path:
         _barrier()
@@ -150,7 +177,8 @@ class _Completion:
             (self.tmp / "config.yaml").write_text(self.config_yaml)
             meta = {**self.meta, "step": self.step, "format": DCP_FORMAT}
             (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            _export_weights(self.tmp)
+            if self.export_weights:
+                export_consolidated(self.tmp, self.tmp)
             final = complete_checkpoint(self.tmp, self.step, keep=self.keep)
         final = _from_rank0(final)
         _barrier()
@@ -177,25 +205,26 @@ def save_distributed_checkpoint(run_dir: str | os.PathLike, step: int, *, model:
                                 rank_state: dict | None = None, trainer_state: dict | None = None,
                                 config_yaml: str = "", meta: dict | None = None,
                                 layout: CheckpointLayout | None = None, keep: int = 3,
-                                async_save: bool = False) -> Path | PendingCheckpoint:
+                                async_save: bool = False, export_weights: bool = False) -> Path | PendingCheckpoint:
     """Write one checkpoint with every rank (collective); returns the final directory.
 
     ``data_state``: this rank's data-loader state, written once per data-parallel slice (by the
     ranks with ``write_data_state`` True, i.e. tp rank 0 of pipeline stage 0). ``rank_state``:
     what only this rank knows (its RNG state). ``trainer_state``: step, EMA update count,
-    counters... (the same on every rank; rank 0 writes ``trainer.pt``).
+    counters... (the same on every rank; rank 0 writes ``trainer.pt``). ``export_weights``: also
+    write the consolidated safetensors copy of the weights (see the module docstring).
     """
     return write_checkpoint(run_dir, step, training_state(model, optimizer, ema_shadow), data_state=data_state,
                             dp_rank=dp_rank, dp_size=dp_size, write_data_state=write_data_state,
                             rank_state=rank_state, trainer_state=trainer_state, config_yaml=config_yaml, meta=meta,
-                            layout=layout, keep=keep, async_save=async_save)
+                            layout=layout, keep=keep, async_save=async_save, export_weights=export_weights)
 
 
 def write_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any], *, data_state: Any = None,
                      dp_rank: int = 0, dp_size: int = 1, write_data_state: bool = True,
                      rank_state: dict | None = None, trainer_state: dict | None = None, config_yaml: str = "",
                      meta: dict | None = None, layout: CheckpointLayout | None = None, keep: int = 3,
-                     async_save: bool = False) -> Path | PendingCheckpoint:
+                     async_save: bool = False, export_weights: bool = False) -> Path | PendingCheckpoint:
     """:func:`save_distributed_checkpoint` for a ready DCP state dict (``model``, optionally ``ema``
     and ``optimizer``, each keyed by parameter name; plain tensors or DTensors)."""
     tmp = _from_rank0(begin_checkpoint(run_dir, step, os.getpid()) if _rank() == 0 else None)
@@ -207,7 +236,7 @@ def write_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any
         torch.save(rank_state, tmp / "ranks" / f"rank{_rank()}-of-{_world_size()}.pt")
     full_meta = dict(meta or {})
     full_meta["layout"] = asdict(layout or CheckpointLayout(world_size=_world_size()))
-    completion = _Completion(tmp, step, trainer_state, config_yaml, full_meta, keep)
+    completion = _Completion(tmp, step, trainer_state, config_yaml, full_meta, keep, export_weights)
     writer = tmp / STATE_DIR
     if async_save:
         with _single_process_quiet():

@@ -18,8 +18,17 @@ _SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
 
 
 def parallel_section(cfg: Any, parallel: ParallelConfig | None = None) -> ParallelConfig:
-    """The ``parallel`` section: the explicit argument, ``cfg`` itself when it is one, else
-    ``cfg.parallel``, else the defaults."""
+    """The ``parallel`` section, resolved (``microbatches`` 0 becomes its automatic count under a
+    pipeline): the explicit argument, ``cfg`` itself when it is one, else ``cfg.parallel``, else
+    the defaults.
+
+    Every part of the engine takes its section from here or from :func:`validate_layout`, so no
+    pipeline ever sees the automatic 0."""
+    par = _given_section(cfg, parallel)
+    return par.resolved() if _is_count(par.microbatches, 0) else par
+
+
+def _given_section(cfg: Any, parallel: ParallelConfig | None) -> ParallelConfig:
     if parallel is not None:
         return parallel
     if isinstance(cfg, ParallelConfig):
@@ -28,11 +37,18 @@ def parallel_section(cfg: Any, parallel: ParallelConfig | None = None) -> Parall
     return found if found is not None else ParallelConfig()
 
 
+def _is_count(value: Any, low: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= low
+
+
 def _check_sizes(par: ParallelConfig, world_size: int) -> None:
-    for key in _SIZE_KEYS + ("microbatches", "virtual_stages"):
+    for key in _SIZE_KEYS + ("virtual_stages",):
         value = getattr(par, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not _is_count(value, 1):
             raise ConfigError(f"parallel.{key} must be a positive integer, got {value!r}")
+    if not _is_count(par.microbatches, 0):
+        raise ConfigError(f"parallel.microbatches must be a positive integer or 0 (automatic: parallel.pp), "
+                          f"got {par.microbatches!r}")
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
     if par.world_size != world_size:
@@ -79,7 +95,7 @@ def _check_pipeline(par: ParallelConfig, model: Any) -> None:
                           f"pipeline stages must divide model.n_layers ({model.n_layers})")
     if par.pipeline_schedule == "1f1b" and par.microbatches < par.pp:
         raise ConfigError(f"parallel.microbatches ({par.microbatches}) must be >= parallel.pp ({par.pp}) "
-                          "for the 1f1b schedule")
+                          "for the 1f1b schedule (0, the default, means parallel.pp)")
     if par.pipeline_schedule == "interleaved_1f1b":
         rounds = max(1, par.microbatches // par.pp)
         if par.microbatches % rounds:
@@ -87,9 +103,10 @@ def _check_pipeline(par: ParallelConfig, model: Any) -> None:
                               f"max(1, microbatches // parallel.pp) = {rounds} for interleaved_1f1b")
 
 
-def _check_batches(par: ParallelConfig, data: Any) -> None:
+def _check_batches(par: ParallelConfig, data: Any, automatic: bool) -> None:
     micro = par.microbatches if par.pp > 1 else 1
     split = par.dp * micro
+    name = " x parallel.microbatches" + (" (automatic: parallel.pp)" if automatic else "")
     for key in ("batch_size", "eval_batch_size"):
         value = getattr(data, key, None)
         if value is None:
@@ -97,21 +114,23 @@ def _check_batches(par: ParallelConfig, data: Any) -> None:
         if value % split:
             raise ConfigError(
                 f"data.{key} ({value}) must be divisible by parallel.dp_replicate x parallel.dp_shard"
-                + (" x parallel.microbatches" if micro > 1 else "") + f" = {split}")
+                + (name if micro > 1 else "") + f" = {split}")
 
 
 def validate_layout(cfg: Any, world_size: int, parallel: ParallelConfig | None = None) -> ParallelConfig:
-    """Check the layout against the world size, the model and the batch; return the section.
+    """Check the layout against the world size, the model and the batch; return the section,
+    resolved (see :func:`parallel_section`).
 
     ``cfg`` is the full :class:`~lomdm_dist.config.Config` (``model``, ``data`` and, once the field
     exists, ``parallel``); ``parallel`` overrides ``cfg.parallel``. Raises ``ConfigError`` naming
     the keys. Pure Python: call it before ``init_process_group``.
     """
-    par = parallel_section(cfg, parallel)
-    _check_sizes(par, world_size)
+    given = _given_section(cfg, parallel)
+    _check_sizes(given, world_size)
+    par = given.resolved()
     data = getattr(cfg, "data", None)
     _check_tensor_parallel(par, cfg.model, getattr(data, "seq_len", None))
     _check_pipeline(par, cfg.model)
     if data is not None:
-        _check_batches(par, data)
+        _check_batches(par, data, automatic=given.microbatches == 0)
     return par

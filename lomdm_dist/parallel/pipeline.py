@@ -135,7 +135,8 @@ def completed(tensor: Tensor) -> Tensor:
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_STAT_KEYS_LEARNED = ("k_phi_mean", "k_phi_std", "k_hat_mean")
+_STAT_KEYS_LEARNED = ("k_phi_mean", "k_phi_std", "k_phi_saturated", "k_hat_mean", "k_hat_std", "k_hat_saturated",
+                      "g_phi_mean")
 _STAT_KEYS = ("masked_fraction", "t_mean")
 
 
@@ -265,7 +266,7 @@ class PipelineRunner:
         clean = ctx["h_clean"] is not None
         part = masked_pass_loss(
             self.model, ctx["scheduler"], h=h, c=c, x=ctx["x"][rows], valid=ctx["valid"][rows],
-            masks=ctx["masks"][:, rows], t64=ctx["t64"][rows], cfg=ctx["cfg"],
+            masks=ctx["masks"][:, rows], times=ctx["times"][rows], cfg=ctx["cfg"],
             h_clean=ctx["h_clean"][rows] if clean else None, c_clean=ctx["c_clean"][rows] if clean else None,
             token_loss=self.token_loss)
         self._parts[index] = part
@@ -287,10 +288,10 @@ class PipelineRunner:
             raise ValueError(f"the local batch ({B} rows) is not divisible by parallel.microbatches ({micro})")
         b = B // micro
         K = num_masks
-        t64, uniforms = step_randomness(seed=seed, step=step, rows=rows.to(x.device), global_batch=global_batch,
-                                        seq_len=L, num_masks=K, cfg=cfg, time_stream=time_stream,
-                                        mask_stream=mask_stream)
-        t = t64.to(torch.float32)
+        times, uniforms = step_randomness(seed=seed, step=step, rows=rows.to(x.device), global_batch=global_batch,
+                                          seq_len=L, num_masks=K, cfg=cfg, time_stream=time_stream,
+                                          mask_stream=mask_stream)
+        t = times.t.to(torch.float32)
 
         h_clean = c_clean = k_draw = None
         if scheduler.learned:
@@ -300,14 +301,14 @@ class PipelineRunner:
             if clean is not None:
                 h_clean, c_clean = clean
                 with torch.no_grad():
-                    k_draw = draw_exponents(model.phi(h_clean, c_clean).float(), t, valid, cfg)
+                    k_draw = draw_exponents(model.phi(h_clean, c_clean).float(), times.t, valid, cfg)
             dist.broadcast(k_draw, src=self.last_rank, group=self.group)
-        masks = draw_masks(scheduler, t64, uniforms, valid, k_draw)
+        masks = draw_masks(scheduler, times, uniforms, k_draw)
 
         chunks = [slice(i * b, (i + 1) * b) for i in range(micro)]
         z = torch.cat([masked_copies(x[s], masks[:, s], model.mask_token_id) for s in chunks])
         sigma = torch.cat([conditioning_sigma(backbone, t[s].repeat(K)) for s in chunks])
-        self._context = dict(scheduler=scheduler, cfg=cfg, x=x, valid=valid, masks=masks, t64=t64,
+        self._context = dict(scheduler=scheduler, cfg=cfg, x=x, valid=valid, masks=masks, times=times,
                              h_clean=h_clean, c_clean=c_clean, normalizer=normalizer, rows_per_microbatch=b)
         self._parts = {}
         try:

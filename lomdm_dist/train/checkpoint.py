@@ -15,9 +15,12 @@ What goes into the directory is written by ``lomdm_dist.parallel.checkpoint`` (t
 one process and for any layout): the training state as a Distributed Checkpoint under ``state/``
 (model, EMA and optimizer, sharded and reshardable), the data-loader state of each data-parallel
 slice under ``data/``, each rank's RNG state under ``ranks/``, ``trainer.pt`` (step, counters),
-``config.yaml``, ``meta.json``, and consolidated ``model.safetensors`` / ``ema.safetensors`` (the
-full weights, readable without torch.distributed or pickle by any tool). :func:`load_checkpoint`
-reads that consolidated view; :func:`load_inference_model` builds a model from the sharded state.
+``config.yaml`` and ``meta.json``. The weights are stored once, in ``state/``: a second, consolidated
+copy would double every checkpoint's size. :func:`load_checkpoint` (full tensors by name) and
+:func:`load_inference_model` (a ready model) assemble them from the shards in one process, whatever
+layout wrote them. For tools that want plain files, :func:`export_safetensors` (``python -m
+lomdm_dist.train.export``) writes ``model.safetensors`` / ``ema.safetensors`` on demand, and
+``train.export_safetensors=true`` makes the trainer write them into every checkpoint.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 MARKER = "COMPLETE"
 WEIGHTS_FILE = "model.safetensors"
@@ -146,14 +148,14 @@ def complete_checkpoint(tmp: Path, step: int, *, keep: int) -> Path:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict[str, torch.Tensor],
                     ema_state: dict[str, torch.Tensor] | None, trainer_state: dict, config_yaml: str,
-                    meta: dict, keep: int) -> Path:
+                    meta: dict, keep: int, export_weights: bool = False) -> Path:
     """A one-process checkpoint from plain state dicts (full tensors by name), in the format the
     trainer writes, e.g. to package weights trained elsewhere; it loads into any layout."""
     from ..parallel.checkpoint import write_checkpoint
 
     state = {"model": dict(model_state), **({"ema": dict(ema_state)} if ema_state is not None else {})}
     return write_checkpoint(run_dir, step, state, trainer_state=trainer_state, config_yaml=config_yaml, meta=meta,
-                            keep=keep)
+                            keep=keep, export_weights=export_weights)
 
 
 def verify_checkpoint(ckpt: Path) -> dict:
@@ -183,22 +185,46 @@ def read_meta(ckpt: Path) -> dict:
 
 def load_checkpoint(ckpt: str | os.PathLike, *, verify: bool = True) -> dict:
     """The consolidated view of a checkpoint, in memory: full model and EMA weights by name (EMA
-    None when absent), the trainer state, the config text and meta."""
+    None when absent), assembled from the Distributed Checkpoint shards in this one process, the
+    trainer state, the config text and meta."""
+    from ..parallel.checkpoint import STATE_DIR, full_tensors, saved_parts
+
     ckpt = resolve_checkpoint(ckpt)
     if verify:
         verify_checkpoint(ckpt)
     try:
+        parts = saved_parts(ckpt / STATE_DIR)
         out = {
             "path": ckpt,
-            "model": load_file(str(ckpt / WEIGHTS_FILE)),
-            "ema": load_file(str(ckpt / EMA_WEIGHTS_FILE)) if (ckpt / EMA_WEIGHTS_FILE).is_file() else None,
+            "model": full_tensors(ckpt / STATE_DIR, "model"),
+            "ema": full_tensors(ckpt / STATE_DIR, "ema") if "ema" in parts else None,
             "trainer": torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True),
             "config_yaml": (ckpt / "config.yaml").read_text(),
             "meta": json.loads((ckpt / "meta.json").read_text()),
         }
-    except Exception as err:  # safetensors / pickle / json errors all mean the same to a user
+    except Exception as err:  # DCP / pickle / json errors all mean the same to a user
         raise CheckpointError(f"checkpoint {ckpt} cannot be read: {type(err).__name__}: {err}") from None
     return out
+
+
+def export_safetensors(ckpt: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Write ``model.safetensors`` (and ``ema.safetensors`` when the checkpoint has an EMA) for a
+    checkpoint or a run directory's latest one; returns the files.
+
+    ``out_dir`` defaults to the checkpoint directory itself (the files are not part of its
+    ``COMPLETE`` marker, so the checkpoint stays valid, and pruning removes them with it). The
+    checkpoint is verified first, so a damaged one is not exported.
+    """
+    from ..parallel.checkpoint import export_consolidated
+
+    ckpt = resolve_checkpoint(ckpt)
+    verify_checkpoint(ckpt)
+    out = Path(out_dir) if out_dir is not None else ckpt
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return export_consolidated(ckpt, out)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {ckpt} cannot be exported: {type(err).__name__}: {err}") from None
 
 
 def load_inference_model(ckpt: str, *, use_ema: bool = True, device: str = "cpu"):
@@ -212,7 +238,7 @@ def load_inference_model(ckpt: str, *, use_ema: bool = True, device: str = "cpu"
     from ..config import load_config
     from ..diffusion.schedulers import build_scheduler
     from ..model import build_model
-    from ..parallel.checkpoint import load_distributed_checkpoint
+    from ..parallel.checkpoint import STATE_DIR, load_distributed_checkpoint, saved_parts
 
     path = resolve_checkpoint(ckpt)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
@@ -224,7 +250,7 @@ def load_inference_model(ckpt: str, *, use_ema: bool = True, device: str = "cpu"
         os.unlink(config_path)
     model = build_model(cfg.model, cfg.diffusion, int(read_meta(path)["vocab_size"]))
     params = dict(model.named_parameters())
-    has_ema = use_ema and (path / EMA_WEIGHTS_FILE).is_file()   # the export mirrors the saved parts
+    has_ema = use_ema and "ema" in saved_parts(path / STATE_DIR)
     shadow = {name: torch.empty_like(p, dtype=torch.float32) for name, p in params.items()} if has_ema else None
     load_distributed_checkpoint(path, model=model, ema_shadow=shadow)
     if shadow is not None:

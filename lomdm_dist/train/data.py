@@ -3,6 +3,7 @@ decoding and resumable state, built from ``data.*`` config keys.
 
 ``data.source = wikipedia_excerpt`` builds (once, cached) webdataset shards of the Wikipedia excerpt
 that gensim ships; ``data.source = shards`` reads a manifest built by ``python -m data_pipeline.build``.
+``data.verify_checksums`` hashes every shard of both splits against its manifest at start-up.
 
 The training stream is sharded by the *data-parallel* rank and size (``parallel.dp_rank`` /
 ``dp_size``), not by the process rank: tensor- and pipeline-parallel peers must see the same rows.
@@ -23,7 +24,7 @@ from ..config import Config
 class TrainingData:
     def __init__(self, cfg: Config, *, dp_rank: int, dp_size: int):
         from data_pipeline.corpus import ensure_bundled_corpus
-        from data_pipeline.reader import ShardStream, read_manifest
+        from data_pipeline.reader import ShardSet, ShardStream, read_manifest
         from data_pipeline.tokenizers import get_tokenizer
 
         d = cfg.data
@@ -42,7 +43,11 @@ class TrainingData:
         self.stream = ShardStream(self.train_manifest, seed=cfg.train.seed, rank=dp_rank, world_size=dp_size,
                                   batch_size=d.batch_size // dp_size, num_workers=d.num_workers,
                                   skip_corrupt=d.skip_corrupt_shards, expect_seq_len=d.seq_len,
-                                  expect_tokenizer_fingerprint=self.tokenizer.fingerprint)
+                                  expect_tokenizer_fingerprint=self.tokenizer.fingerprint,
+                                  verify_checksums=d.verify_checksums)
+        if d.verify_checksums:
+            # Once here rather than in every evaluation's pass over the split.
+            ShardSet(read_manifest(self.val_manifest), verify_checksums=True)
         self.vocab_size = self.tokenizer.vocab_size
         self.pad_id = self.stream.pad_id
 

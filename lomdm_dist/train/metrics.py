@@ -1,7 +1,17 @@
 """One place for run output: console (``print0``), ``metrics.jsonl`` and TensorBoard.
 
-``metrics.jsonl`` has one JSON object a line for scripts; on resume the lines written after the
-checkpoint being resumed are dropped so that the file reads as one uninterrupted run.
+``metrics.jsonl`` has one JSON object a line for scripts, with flat keys exactly as the trainer
+produced them; on resume the lines written after the checkpoint being resumed are dropped so that
+the file reads as one uninterrupted run.
+
+TensorBoard gets the same numbers under grouped tags (:func:`tensorboard_tag`), so that its
+dashboard shows sections (``train/``, ``val/``, ``order/``, ``system/``) instead of one flat list,
+and it leaves out series that carry no information as curves: counters that rarely change are
+written only when their value changes (:data:`WRITE_ON_CHANGE`), and ``samples_seen`` (a straight
+line in the step) is not written at all. The README's TensorBoard table explains each tag.
+
+All console output goes to stderr, through ``tqdm.write`` so that a progress bar on the same
+stream is cleared and redrawn around a line instead of being broken by it.
 """
 
 from __future__ import annotations
@@ -12,15 +22,58 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm import tqdm
+
+ORDER_PREFIXES = ("k_phi", "k_hat", "g_phi", "g_psi", "order_")
+"""Keys of the learned generation order (LoMDM's exponents and head outputs): the ``order/`` group.
+Routing is by prefix, so diagnostics added to the objective later land there too."""
+
+SYSTEM_KEYS = frozenset({"tokens_per_sec", "tokens_per_sec_per_device", "mfu", "peak_mem_gb", "nonfinite_skipped",
+                         "epoch", "samples_seen", "corrupt_shards_skipped"})
+SYSTEM_PREFIXES = ("tokens_per_sec", "mfu", "peak_mem", "mem_", "data_", "nonfinite_", "time_")
+"""Throughput, memory, data-reader and robustness counters: the ``system/`` group."""
+
+WRITE_ON_CHANGE = frozenset({"epoch", "nonfinite_skipped", "corrupt_shards_skipped", "val_tokens"})
+"""Counters and constants: written to TensorBoard at their first value and whenever it changes,
+not at every log step (a flat line of zeros hides the series that move)."""
+
+JSONL_ONLY = frozenset({"samples_seen"})
+"""Keys kept out of TensorBoard (a linear function of the step); they stay in ``metrics.jsonl``."""
 
 
-def print0(*args, rank: int | None = None, **kwargs) -> None:
-    """Print on rank 0 only (RANK from the environment when not given)."""
+def print0(*args, rank: int | None = None, sep: str = " ", end: str = "\n", file=None) -> None:
+    """Print on rank 0 only (RANK from the environment when not given), to stderr by default.
+
+    Written with ``tqdm.write`` so that an active progress bar is cleared first and redrawn
+    after the line; without a bar it is a plain write. Flushed, so lines of several processes
+    and of the progress bars keep their order.
+    """
     if rank is None:
         rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        print(*args, **kwargs, file=kwargs.pop("file", sys.stderr), flush=True)
+    if rank != 0:
+        return
+    stream = file if file is not None else sys.stderr
+    tqdm.write(sep.join(str(a) for a in args), file=stream, end=end)
+    stream.flush()
+
+
+def tensorboard_tag(key: str) -> str:
+    """The grouped TensorBoard tag of a flat metrics key.
+
+    ``val_*`` -> ``val/*`` (prefix dropped: ``val_ppl`` -> ``val/ppl``); order diagnostics
+    (:data:`ORDER_PREFIXES`) -> ``order/<key>``; throughput, memory, data and non-finite counters
+    (:data:`SYSTEM_KEYS`, :data:`SYSTEM_PREFIXES`) -> ``system/<key>``; everything else (loss,
+    its parts, lr, grad norm, masking statistics) -> ``train/<key>``.
+    """
+    if key.startswith("val_"):
+        return "val/" + key[len("val_"):]
+    if key.startswith(ORDER_PREFIXES):
+        return "order/" + key
+    if key in SYSTEM_KEYS or key.startswith(SYSTEM_PREFIXES):
+        return "system/" + key
+    return "train/" + key
 
 
 def _plain(value):
@@ -48,14 +101,16 @@ class MetricsLogger:
                  tensorboard: bool = True):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.tensorboard_dir = Path(run_dir) / "tensorboard"
         self.writer = None
+        self._last_written: dict[str, float] = {}
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
+            self.writer = SummaryWriter(log_dir=str(self.tensorboard_dir),
                                         purge_step=resume_step + 1 if resume_step is not None else None)
 
     def _truncate_after(self, resume_step: int | None) -> None:
@@ -74,25 +129,32 @@ class MetricsLogger:
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
 
-    def log(self, step: int, values: dict, *, prefix: str = "") -> None:
+    def log(self, step: int, values: dict) -> None:
+        """One ``metrics.jsonl`` line with the flat keys; the numbers also go to TensorBoard under
+        grouped tags (see the module docstring for what is left out there)."""
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(f"{prefix}{key}", value, step)
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            if key == "step" or key in JSONL_ONLY or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if key in WRITE_ON_CHANGE and self._last_written.get(key) == value:
+                continue
+            self._last_written[key] = value
+            self.writer.add_scalar(tensorboard_tag(key), value, step)
 
     def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
         if self.writer is not None and values.numel():
             self.writer.add_histogram(tag, values.detach().float().cpu(), step)
 
-    def image(self, tag: str, image_hw: torch.Tensor, step: int) -> None:
-        """A grayscale image (H, W) with values in [0, 1]."""
-        if self.writer is not None and image_hw.numel():
-            self.writer.add_image(tag, image_hw.detach().float().cpu().clamp(0, 1).unsqueeze(0), step)
+    def rgb_image(self, tag: str, image_hwc: np.ndarray, step: int) -> None:
+        """An RGB image (H, W, 3) of uint8, e.g. a figure rendered by ``order_images``."""
+        if self.writer is not None and image_hwc.size:
+            self.writer.add_image(tag, image_hwc, step, dataformats="HWC")
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer is not None:

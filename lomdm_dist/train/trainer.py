@@ -14,6 +14,18 @@ shares -> global grad-norm clip -> AdamW -> EMA. Evaluation (every rank, on glob
 batches), sample text and priority images (rank 0, from weights gathered there) and checkpoints
 (Distributed Checkpoint, every rank) run on schedule. SIGTERM / SIGUSR1 make every rank save at
 the same step boundary and return.
+
+Console: everything goes to stderr (the progress bars' stream). Mid-run, the bar's label names the
+phase between steps (``train [evaluation]``); after the last step the bar is closed and each phase
+prints a line of its own (evaluation, with a bar over the validation batches; sampling; writing the
+checkpoint), since together they take long enough to look like a hang. The run ends with a summary:
+steps, wall time per phase, final validation numbers and where the checkpoint, samples, metrics
+and TensorBoard events are.
+
+On resume the config is compared with the one the checkpoint was written under
+(``config_history``): ordinary changes are printed, changes the checkpoint cannot continue under
+are refused unless ``run.allow_config_change``, and every config the run started with is kept
+under ``configs/``.
 """
 
 from __future__ import annotations
@@ -22,7 +34,8 @@ import contextlib
 import os
 import signal
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,7 +44,7 @@ from tqdm import tqdm
 
 from data_pipeline.reader import valid_mask
 
-from ..config import Config, config_to_dict, save_config
+from ..config import Config, config_to_dict
 from ..diffusion.objective import clean_features, draw_exponents
 from ..diffusion.randomness import scalar_key
 from ..diffusion.schedulers import build_scheduler
@@ -43,10 +56,12 @@ from ..parallel import (CheckpointLayout, PendingCheckpoint, ProcessEnv, any_ran
                         shutdown_process_group, validate_layout, writes_dp_slice_state)
 from ..parallel.flops import config_step_flops, device_peak_flops
 from . import checkpoint as ckpt_lib
+from . import config_history
 from .data import build_data
 from .ema import EMA
 from .metrics import MetricsLogger, print0, throughput
 from .optimizer import build_optimizer, set_learning_rate
+from .order_monitor import OrderMonitor
 
 """Set to 1 to write scheduled checkpoints in the background on GPU (the final one is always synchronous)."""
 
@@ -61,6 +76,37 @@ class TrainResult:
     step: int
     last_eval: dict | None
     nonfinite_skipped: int
+    checkpoint: Path | None = None
+    """The newest complete checkpoint of the run directory when the run returned."""
+    samples: Path | None = None
+    """The samples file written last in this session (None when none was)."""
+    tensorboard: Path | None = None
+    """The TensorBoard log directory (None on ranks other than 0)."""
+    wall_seconds: float = 0.0
+    """From the start of ``Trainer.__init__`` to the end of the loop."""
+    phase_seconds: dict = field(default_factory=dict)
+    """Seconds per phase of this session: setup, training, evaluation, sampling, checkpoints."""
+
+
+class _Counted:
+    """An iterable with a known length, so that a progress bar over it shows a total."""
+
+    def __init__(self, iterable, length: int):
+        self.iterable, self.length = iterable, length
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
 
 
 def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
@@ -75,6 +121,7 @@ class Trainer:
     here and leaves it at the end of :meth:`run`."""
 
     def __init__(self, cfg: Config, *, env: ProcessEnv | None = None):
+        self._started = time.perf_counter()
         self.cfg = cfg
         self.env = env or ProcessEnv.from_environ()
         self.rank, self.world_size = self.env.rank, self.env.world_size
@@ -89,6 +136,10 @@ class Trainer:
 
     def _build(self) -> None:
         cfg = self.cfg
+        config_tree = config_to_dict(cfg)
+        latest = ckpt_lib.latest_checkpoint(self.run_dir)
+        # Before anything is built: a resume the checkpoint cannot continue under fails in a second.
+        config_changes = config_history.check_resume(latest, config_tree, allow=cfg.run.allow_config_change)
         self.mesh = build_mesh(cfg, self.world_size)
         self.layout = CheckpointLayout(world_size=self.world_size, tp=self.parallel.tp, pp=self.parallel.pp,
                                        dp_replicate=self.parallel.dp_replicate, dp_shard=self.parallel.dp_shard)
@@ -113,20 +164,34 @@ class Trainer:
         self._pending: PendingCheckpoint | None = None
         self._inference: torch.nn.Module | None = None
         self.async_checkpoints = self.device.type == "cuda" and cfg.train.async_checkpoint
+        self.show_progress = cfg.train.progress and self.rank == 0
+        self._bar: tqdm | None = None
+        self._final = False                      # after the last step: phases print lines of their own
+        self.phase_seconds: dict[str, float] = defaultdict(float)
+        self.last_checkpoint: Path | None = None
+        self.last_samples: Path | None = None
+        self._eval_batches_count: int | None = None
         self.peak_flops = device_peak_flops(
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
             "bf16" if self.autocast_dtype == torch.bfloat16 else None)
 
         resumed_from = self._maybe_resume()
         if self.rank == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
+            config_history.record_config(self.run_dir, config_tree, step=self.step)
         self.metrics = MetricsLogger(self.run_dir, resume_step=self.step if resumed_from else None,
                                      enabled=self.rank == 0)
+        self.order_monitor = OrderMonitor(cfg.optim.warmup_steps, cfg.train.order_spread_floor,
+                                          cfg.train.order_patience)
         par = self.parallel
         print0(f"model: {self.n_params / 1e6:.2f}M parameters, vocab {self.vocab_size}, scheduler "
                f"{cfg.diffusion.scheduler}, {self.world_size} process(es) on {self.device.type} "
                f"(tp {par.tp}, pp {par.pp}, dp_shard {par.dp_shard}, dp_replicate {par.dp_replicate})"
                + (f", resumed from {resumed_from}" if resumed_from else ""), rank=self.rank)
+        if resumed_from and config_changes:
+            print0(config_history.describe_changes(config_changes, resumed_from, self.step)
+                   + f"\n  (every config this run started with: {self.run_dir / config_history.HISTORY_DIR})",
+                   rank=self.rank)
+        self.phase_seconds["setup"] = time.perf_counter() - self._started
 
     def close(self) -> None:
         """Leave the process group this trainer started (nothing for one process); every rank calls it.
@@ -161,16 +226,54 @@ class Trainer:
             config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
             meta={"vocab_size": self.vocab_size, "tokenizer": self.cfg.data.tokenizer,
                   "scheduler": self.cfg.diffusion.scheduler},
-            layout=self.layout, keep=self.cfg.train.keep_checkpoints, async_save=background and self.async_checkpoints)
+            layout=self.layout, keep=self.cfg.train.keep_checkpoints, async_save=background and self.async_checkpoints,
+            export_weights=self.cfg.train.export_safetensors)
         if isinstance(result, PendingCheckpoint):
             self._pending = result
             return None
+        self.last_checkpoint = result
         return result
 
     def _finish_pending(self) -> None:
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            pending.finish()
+            self.last_checkpoint = pending.finish()
+
+    # ---------------------------------------------------------------------------------- console
+    @contextlib.contextmanager
+    def _phase(self, name: str, label: str):
+        """Time a phase between steps (``phase_seconds[name]``) and say that it runs.
+
+        Mid-run the progress bar's label names it (no extra lines every eval_every steps); after
+        the last step, when the bar is finished, ``label`` is printed as a line of its own.
+        """
+        start = time.perf_counter()
+        bar = self._bar if self._bar is not None and not self._bar.disable else None
+        if self._final:
+            print0(f"{label} ...", rank=self.rank)
+        elif bar is not None:
+            bar.set_description_str(f"train [{name}]", refresh=True)
+        try:
+            yield
+        finally:
+            self.phase_seconds[name] += time.perf_counter() - start
+            if bar is not None and not self._final:
+                bar.set_description_str("train", refresh=True)
+
+    def _eval_batches(self):
+        """The validation batches of one evaluation, with their count when the manifest gives it."""
+        max_batches = self.cfg.eval.max_batches
+        batches = self.data.eval_batches(max_batches=max_batches)
+        if self._eval_batches_count is None:
+            from data_pipeline.reader import read_manifest
+            try:
+                manifest = read_manifest(self.data.val_manifest)
+                samples = int(manifest.get("num_samples") or sum(int(s["samples"]) for s in manifest["shards"]))
+            except Exception:  # the count only labels a progress bar; the evaluation reports real errors
+                return batches
+            count = -(-samples // self.cfg.data.eval_batch_size)
+            self._eval_batches_count = min(count, max_batches) if max_batches else count
+        return _Counted(batches, self._eval_batches_count)
 
     def _maybe_resume(self) -> Path | None:
         latest = ckpt_lib.latest_checkpoint(self.run_dir)
@@ -251,21 +354,32 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ eval
     def evaluate(self) -> dict:
-        """Validation NELBO on every rank; on rank 0 also priority images and samples (when enabled)."""
+        """Validation NELBO on every rank (its line printed as soon as it is known); on rank 0 also
+        priority images and samples (when enabled)."""
         cfg = self.cfg
         swap = self.ema.swapped_in(self.model) if cfg.eval.use_ema else contextlib.nullcontext()
         with swap:
-            result = distributed_validation_nelbo(
-                self.pm, self.scheduler, self.data.eval_batches(max_batches=cfg.eval.max_batches),
-                cfg=cfg.diffusion, seed=cfg.train.seed, device=self.device, pad_id=self.data.pad_id,
-                t_samples=cfg.eval.t_samples, autocast_dtype=self.autocast_dtype)
+            batches = self._eval_batches()
+            count = (f"{len(batches)} validation batch{'es' if len(batches) != 1 else ''}"
+                     if isinstance(batches, _Counted) else "validation set")
+            with self._phase("evaluation", f"evaluating ({count})"):
+                result = distributed_validation_nelbo(
+                    self.pm, self.scheduler, batches, cfg=cfg.diffusion, seed=cfg.train.seed, device=self.device,
+                    pad_id=self.data.pad_id, t_samples=cfg.eval.t_samples, autocast_dtype=self.autocast_dtype,
+                    progress=self.show_progress)
+            print0(f"step {self.step}: val_nelbo {result['val_nelbo']:.4f}  val_ppl {result['val_ppl']:.1f}",
+                   rank=self.rank)
             if self.scheduler.learned or cfg.sample.every_eval:
-                model = self._inference_model()
-                if model is not None:
-                    if self.scheduler.learned:
-                        self._log_priorities(model)
-                    if cfg.sample.every_eval:
-                        self._write_samples(model)
+                images = " and generation-order images" if self.scheduler.learned else ""
+                label = (f"sampling ({cfg.sample.num} samples of {cfg.sample.steps} steps{images})"
+                         if cfg.sample.every_eval else "drawing generation-order images")
+                with self._phase("sampling", label):
+                    model = self._inference_model()
+                    if model is not None:
+                        if self.scheduler.learned:
+                            self._log_priorities(model)
+                        if cfg.sample.every_eval:
+                            self._write_samples(model)
         self.last_eval = result
         return result
 
@@ -306,9 +420,11 @@ class Trainer:
             k = draw_exponents(g, t, valid, self.cfg.diffusion)
         finally:
             model.train(was_training)
-        self.metrics.histogram("k_phi", k[valid], self.step)
-        d = self.cfg.diffusion
-        self.metrics.image("k_phi_per_position", (k - (d.c1 - d.c2)) / (2 * d.c2 if d.c2 > 0 else 1.0), self.step)
+        self.metrics.histogram("order/k_phi", k[valid], self.step)
+        if self.metrics.writer is not None:
+            from .order_images import priority_image
+            d = self.cfg.diffusion
+            self.metrics.rgb_image("order/k_phi_per_position", priority_image(k, valid, c1=d.c1, c2=d.c2), self.step)
 
     def _write_samples(self, model: torch.nn.Module) -> None:
         from ..diffusion.sampler import sample
@@ -318,11 +434,20 @@ class Trainer:
         result = sample(model, self.scheduler, num=cfg.sample.num, seq_len=cfg.data.seq_len,
                         steps=cfg.sample.steps, diffusion_cfg=cfg.diffusion, t_min=cfg.sample.t_min,
                         final_argmax=cfg.sample.final_argmax, reverse_c2_zero=cfg.sample.reverse_c2_zero,
-                        seed=cfg.sample.seed + self.step, device=self.device)
-        texts = write_samples(self.run_dir / "samples" / f"step-{self.step:08d}.jsonl", result,
-                              self.data.decode, vocab_size=self.data.vocab_size)
-        self.metrics.text("samples", "\n\n---\n\n".join(texts[:4]), self.step)
-        self.metrics.image("generation_order", result.order.float() / max(cfg.sample.steps, 1), self.step)
+                        seed=cfg.sample.seed + self.step, device=self.device, progress=self._final and self.show_progress)
+        path = self.run_dir / "samples" / f"step-{self.step:08d}.jsonl"
+        provenance = {"step": self.step, "seed": cfg.sample.seed + self.step, "steps": cfg.sample.steps,
+                      "t_min": cfg.sample.t_min, "num": cfg.sample.num, "seq_len": cfg.data.seq_len,
+                      "final_argmax": cfg.sample.final_argmax, "reverse_c2_zero": cfg.sample.reverse_c2_zero,
+                      "weights": "ema" if cfg.eval.use_ema else "raw", "argmax_filled": result.argmax_filled}
+        texts = write_samples(path, result, self.data.decode, vocab_size=self.data.vocab_size,
+                              provenance=provenance)
+        self.last_samples = path
+        self.metrics.text("samples/text", "\n\n---\n\n".join(texts[:4]), self.step)
+        if self.metrics.writer is not None:
+            from .order_images import generation_order_image
+            self.metrics.rgb_image("order/generation_order", generation_order_image(result.order, cfg.sample.steps),
+                                   self.step)
 
     # ------------------------------------------------------------------------------------ loop
     def _handle_signal(self, signum, frame) -> None:
@@ -339,7 +464,28 @@ class Trainer:
             self.close()          # raised on every rank at the same step (the non-finite check is shared)
             raise
         self.close()
+        if self.rank == 0:
+            print0(self.summary(result), rank=self.rank)
         return result
+
+    def summary(self, result: TrainResult) -> str:
+        """What a finished (or stopped) run did and where its outputs are, for the console."""
+        how = "completed" if result.status == "completed" else "stopped by signal"
+        phases = ", ".join(f"{name} {_duration(seconds)}" for name, seconds in result.phase_seconds.items()
+                           if seconds >= 0.05)
+        lines = [f"run {how} at step {result.step} ({self.steps_this_session} steps this session) in "
+                 f"{_duration(result.wall_seconds)}" + (f": {phases}" if phases else "")]
+        if result.last_eval:
+            lines.append(f"  final validation:  val_nelbo {result.last_eval['val_nelbo']:.4f}, "
+                         f"val_ppl {result.last_eval['val_ppl']:.1f}")
+        if result.checkpoint is not None:
+            lines.append(f"  checkpoint:        {result.checkpoint}")
+        if result.samples is not None:
+            lines.append(f"  samples:           {result.samples}")
+        lines.append(f"  metrics:           {self.run_dir / 'metrics.jsonl'}")
+        if result.tensorboard is not None:
+            lines.append(f"  tensorboard:       tensorboard --logdir {result.tensorboard}")
+        return "\n".join(lines)
 
     def _loop(self) -> TrainResult:
         cfg = self.cfg.train
@@ -348,10 +494,12 @@ class Trainer:
             with contextlib.suppress(ValueError):  # not in the main thread: leave handlers alone
                 previous[sig] = signal.signal(sig, self._handle_signal)
         tokens_per_step = self.cfg.data.batch_size * self.cfg.data.seq_len
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
-                   disable=not cfg.progress or self.rank != 0)
+        bar = self._bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                               disable=not self.show_progress)
         batches = iter(self.data)
         status = "completed"
+        first_step = self.step
+        loop_start = time.perf_counter()
         window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
         try:
             while self.step < cfg.max_steps:
@@ -363,6 +511,8 @@ class Trainer:
                 self.step += 1
                 window_steps += 1
                 bar.update(1)
+                if self.step == cfg.max_steps:
+                    self._final = True
                 if values is not None and self.peak_flops is not None:
                     window_flops += self._step_flops(values)
                 if values is not None and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
@@ -374,25 +524,45 @@ class Trainer:
                     values["nonfinite_skipped"] = self.nonfinite_total
                     values.update(self.data.stats)
                     self.metrics.log(self.step, values)
+                    warning = self.order_monitor.update(self.step, values)
+                    if warning:
+                        print0(f"warning: {warning}", rank=self.rank)
+                        self.metrics.text("order/warning", warning, self.step)
                     bar.set_postfix(loss=f"{values['loss']:.3f}", nelbo=f"{values['nelbo']:.3f}")
                     window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
+                if self._final:
+                    bar.close()        # complete; what follows prints lines of its own
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     result = self.evaluate()
                     self.metrics.log(self.step, result)
-                    if self.rank == 0:
-                        bar.write(f"step {self.step}: val_nelbo {result['val_nelbo']:.4f}  "
-                                  f"val_ppl {result['val_ppl']:.1f}")
                     window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
-                    self.save(background=self.step != cfg.max_steps)
-            self._finish_pending()
+                    final = self.step == cfg.max_steps
+                    with self._phase("checkpoints", f"writing checkpoint {ckpt_lib.step_dir_name(self.step)}"):
+                        self.save(background=not final)
+            self._final = True
+            bar.close()
+            if self._pending is not None:
+                with self._phase("checkpoints", "finishing the checkpoint written in the background"):
+                    self._finish_pending()
             if status == "interrupted":
-                path = self.save()
-                print0(f"stopped by signal at step {self.step}; checkpoint {path}", rank=self.rank)
+                with self._phase("checkpoints", f"stopped by signal: writing checkpoint "
+                                                f"{ckpt_lib.step_dir_name(self.step)}"):
+                    self.save()
         finally:
             bar.close()
+            self._bar = None
             self.metrics.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        self.steps_this_session = self.step - first_step
+        between_steps = sum(self.phase_seconds[p] for p in ("evaluation", "sampling", "checkpoints"))
+        self.phase_seconds["training"] = time.perf_counter() - loop_start - between_steps
+        order = ("setup", "training", "evaluation", "sampling", "checkpoints")
         return TrainResult(status=status, step=self.step, last_eval=self.last_eval,
-                           nonfinite_skipped=self.nonfinite_total)
+                           nonfinite_skipped=self.nonfinite_total,
+                           checkpoint=self.last_checkpoint or ckpt_lib.latest_checkpoint(self.run_dir),
+                           samples=self.last_samples,
+                           tensorboard=self.metrics.tensorboard_dir if self.metrics.writer is not None else None,
+                           wall_seconds=time.perf_counter() - self._started,
+                           phase_seconds={p: self.phase_seconds[p] for p in order if p in self.phase_seconds})
