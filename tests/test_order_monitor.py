@@ -11,7 +11,7 @@ def feed(monitor, series, saturated=0.0, start=1):
 def test_warns_once_after_patience_logs_below_the_floor_and_not_during_warm_up():
     m = OrderMonitor(warmup_steps=3, spread_floor=0.01, patience=2)
     out = feed(m, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0])            # steps 1..6; 1..3 are warm-up
-    assert out[:4] == [None] * 4 and out[4] is not None and "dead" in out[4] and out[5] is None
+    assert out[:4] == [None] * 4 and out[4] is not None and "no learned order" in out[4] and out[5] is None
     # recovery re-arms it
     assert feed(m, [0.2], start=7) == [None]
     assert feed(m, [0.001, 0.001], start=8)[1] is not None

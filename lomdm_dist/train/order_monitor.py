@@ -44,6 +44,7 @@ class OrderMonitor:
         self._warned = True
         reason = (f"{saturated:.0%} of the phi head's sigmoids are saturated" if saturated > self.saturated_ceiling
                   else f"the spread of k_phi is {spread:.2g} < {self.spread_floor:g}")
-        return (f"step {step}: the learned order looks dead: {reason} for {self._below} logged steps "
-                f"after warm-up; the forward scheduler is then a fixed polynomial schedule "
+        return (f"step {step}: no learned order: {reason} for {self._below} logged steps "
+                f"after warm-up (the head has not left k = c1, or has lost its order); the forward scheduler "
+                f"is then a fixed polynomial schedule "
                 f"(see docs/method.md, 'Keeping the learned order alive')")
