@@ -5,8 +5,10 @@ Per masked position i of a noisy row z (paper Eq. 2, docs/method.md section 3):
     L_main     = -A_i log x_theta(z)_i[x_i]                      (SUBS: mask logit excluded)
     L_velocity =  A_i (log A_i - log A_hat_i) - (A_i - A_hat_i)   (0 for fixed schedulers: A_hat = A)
 
-F_r = sum over masked i of (L_main + L_velocity) for mask r is a one-sample estimate of the NELBO of
-the row. For the learned (lomdm) scheduler, masks are drawn from q_phi, so phi also gets the
+F_r = sum over masked real positions i of (L_main + L_velocity) for mask r, times the importance
+weight of the row's t, is a one-sample estimate of the NELBO of the row (padding is masked like any
+position but never scored). Both terms are computed with the t-scaled velocities v = A t and the
+row's sum is multiplied by w(t) / t (``time_sampling``), so no velocity overflows near t = 0. For the learned (lomdm) scheduler, masks are drawn from q_phi, so phi also gets the
 score-function gradient, estimated with RLOO over K masks that share t (K = 2 in the paper):
 
     surrogate = mean_r F_r + (1/K) sum_r sg(F_r - mean_{j != r} F_j) * log q_phi(z_r | x)
@@ -21,7 +23,8 @@ head, and each masked microbatch's loss is computed at the last stage), and tens
 computes the per-token loss on vocabulary slices (``token_loss``); ``lomdm_dist.parallel`` calls
 the same pieces, so every layout runs one implementation of the formulas:
 
-1. :func:`step_randomness`: t and the mask uniforms, pure functions of (seed, step, global row);
+1. :func:`step_randomness`: t with its weight and the mask uniforms, pure functions of (seed, step,
+   global row);
 2. :func:`clean_features` and :func:`draw_exponents`: pass 1 and the exponents k_phi (lomdm);
 3. :func:`draw_masks` and :func:`masked_copies`: the K masked copies of each row, copy-major;
 4. :func:`masked_pass_loss`: from the backbone features of the masked copies, the per-row NELBO
