@@ -32,6 +32,7 @@ is exp(-700 k) <= 1e-15 for k >= 0.05, far below float64's resolution of the sum
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -63,17 +64,18 @@ class TimeDraw:
         return TimeDraw(self.t.repeat(k), self.log_t.repeat(k), self.row_weight.repeat(k))
 
 
-class TimeSampler:
+class TimeSampler(ABC):
     """Maps stratified uniforms u in [0, 1) to a :class:`TimeDraw`."""
 
     name = ""
 
+    @abstractmethod
     def draw(self, u: Tensor) -> TimeDraw:
-        raise NotImplementedError
+        """Times, log-times and row weights for the uniforms u (B,)."""
 
+    @abstractmethod
     def density(self, t: Tensor) -> Tensor:
         """p(t) on the sampler's support (float64)."""
-        raise NotImplementedError
 
 
 class TruncatedUniform(TimeSampler):
