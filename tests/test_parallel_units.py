@@ -114,7 +114,7 @@ def test_microbatched_last_stage_loss_equals_whole_batch():
     h_clean, c_clean = clean_features(model, x, t)
     h_clean, c_clean = h_clean.detach(), c_clean.detach()
     with torch.no_grad():
-        k_draw = draw_exponents(model.phi(h_clean, c_clean), times.t, valid, cfg.diffusion)
+        k_draw = draw_exponents(scheduler, model.phi(h_clean, c_clean), times.t, valid)
     masks = draw_masks(scheduler, times, uniforms, k_draw)
     normalizer = valid.sum().float()
     parts = []

@@ -128,15 +128,10 @@ def clean_features(model, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     return h_clean, c_clean
 
 
-def draw_exponents(g_phi: Tensor, t: Tensor, valid: Tensor, cfg: DiffusionConfig) -> Tensor:
+def draw_exponents(scheduler: LoMDMScheduler, g_phi: Tensor, t: Tensor, valid: Tensor) -> Tensor:
     """k_phi (B, L) without grad from the phi head's output: the exponents the masks are drawn with."""
     with torch.no_grad():
-        return learned_scheduler(cfg).exponents(g_phi.detach(), t, valid).k
-
-
-def learned_scheduler(cfg: DiffusionConfig) -> LoMDMScheduler:
-    """The lomdm scheduler of ``cfg`` (its c1, c2, k_min and NormSig variant)."""
-    return LoMDMScheduler(cfg.c1, cfg.c2, cfg.k_min, cfg.normsig)
+        return scheduler.exponents(g_phi.detach(), t, valid).k
 
 
 SATURATION_SLOPE = 1e-3
@@ -320,8 +315,7 @@ def diffusion_loss(model, scheduler: Scheduler, x: torch.Tensor, *, cfg: Diffusi
         # Pass 1: clean features for the forward scheduler (no gradient to the backbone).
         h_clean, c_clean = clean_features(model, x, t)
         g_phi = model.phi(h_clean, c_clean).float()
-        with torch.no_grad():
-            k_draw = scheduler.exponents(g_phi.detach(), times.t, valid).k
+        k_draw = draw_exponents(scheduler, g_phi, times.t, valid)
     masks = draw_masks(scheduler, times, uniforms, k_draw)
     # Passes 2..K+1: the K masked copies in one batch.
     z = masked_copies(x, masks, model.mask_token_id)

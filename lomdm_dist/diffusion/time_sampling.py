@@ -59,10 +59,6 @@ class TimeDraw:
         """The rows ``index`` (a slice or index tensor) of every field."""
         return TimeDraw(self.t[index], self.log_t[index], self.row_weight[index])
 
-    def repeat(self, k: int) -> "TimeDraw":
-        """Each field repeated ``k`` times along rows (copy-major, as ``masked_copies``)."""
-        return TimeDraw(self.t.repeat(k), self.log_t.repeat(k), self.row_weight.repeat(k))
-
 
 class TimeSampler(ABC):
     """Maps stratified uniforms u in [0, 1) to a :class:`TimeDraw`."""
@@ -72,10 +68,6 @@ class TimeSampler(ABC):
     @abstractmethod
     def draw(self, u: Tensor) -> TimeDraw:
         """Times, log-times and row weights for the uniforms u (B,)."""
-
-    @abstractmethod
-    def density(self, t: Tensor) -> Tensor:
-        """p(t) on the sampler's support (float64)."""
 
 
 class TruncatedUniform(TimeSampler):
@@ -89,10 +81,6 @@ class TruncatedUniform(TimeSampler):
     def draw(self, u: Tensor) -> TimeDraw:
         t = (1.0 - self.t_eps) * u.double() + self.t_eps
         return TimeDraw(t=t, log_t=torch.log(t), row_weight=1.0 / t)
-
-    def density(self, t: Tensor) -> Tensor:
-        inside = (t >= self.t_eps) & (t <= 1.0)
-        return torch.where(inside, torch.full_like(t, 1.0 / (1.0 - self.t_eps)), torch.zeros_like(t))
 
 
 class PowerUniformMixture(TimeSampler):
@@ -128,10 +116,6 @@ class PowerUniformMixture(TimeSampler):
         t = torch.exp(log_t)
         row_weight = 1.0 / (self.share * self.power * torch.exp(self.power * log_t) + (1.0 - self.share) * t)
         return TimeDraw(t=t, log_t=log_t, row_weight=row_weight)
-
-    def density(self, t: Tensor) -> Tensor:
-        t = t.double()
-        return self.share * self.power * t ** (self.power - 1.0) + (1.0 - self.share)
 
 
 def smallest_exponent(cfg: DiffusionConfig) -> float:

@@ -301,7 +301,7 @@ class PipelineRunner:
             if clean is not None:
                 h_clean, c_clean = clean
                 with torch.no_grad():
-                    k_draw = draw_exponents(model.phi(h_clean, c_clean).float(), times.t, valid, cfg)
+                    k_draw = draw_exponents(scheduler, model.phi(h_clean, c_clean).float(), times.t, valid)
             dist.broadcast(k_draw, src=self.last_rank, group=self.group)
         masks = draw_masks(scheduler, times, uniforms, k_draw)
 

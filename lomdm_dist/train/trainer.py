@@ -417,7 +417,7 @@ class Trainer:
             with self._autocast():
                 h, c = clean_features(model, x, t)
                 g = model.phi(h, c).float()
-            k = draw_exponents(g, t, valid, self.cfg.diffusion)
+            k = draw_exponents(self.scheduler, g, t, valid)
         finally:
             model.train(was_training)
         self.metrics.histogram("order/k_phi", k[valid], self.step)
