@@ -14,13 +14,8 @@ without a flag (``slurm.env``, ``slurm.setup``, ``slurm.mem_gb``, ...) come from
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from lomdm_dist.launch.submit import main  # noqa: E402
+from lomdm_dist.launch.submit import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -11,15 +11,9 @@ applies ``train.threads``) is undone after it, so one test's choice never leaks 
 """
 
 import os
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 try:
     import torch

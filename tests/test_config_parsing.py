@@ -38,8 +38,14 @@ def test_integers_and_strings_keep_their_meaning(tmp_path):
     assert (cfg.run.name, cfg.slurm.qos) == ("1e-3", "1.10")        # as written, not '0.001' / '1.1'
     cfg = load_config(None, ["slurm.env={NCCL_BUFFSIZE: 4e6}"])
     assert cfg.slurm.env["NCCL_BUFFSIZE"] == "4000000.0"            # an untyped value: the number YAML read
+    cfg = load_config(SMOKE, ["train.max_steps=1e3", "data.batch_size=1.6e1"])   # exponent form, whole value
+    assert (cfg.train.max_steps, cfg.data.batch_size) == (1000, 16) and type(cfg.train.max_steps) is int
     with pytest.raises(ConfigError, match=r"^train.max_steps must be an integer, got 1000.0$"):
-        load_config(SMOKE, ["train.max_steps=1e3"])
+        load_config(SMOKE, ["train.max_steps=1000.0"])
+    with pytest.raises(ConfigError, match=r"^train.max_steps must be an integer, got 1.5$"):
+        load_config(SMOKE, ["train.max_steps=1.5e0"])
+    with pytest.raises(ConfigError, match=r"^train.max_steps must be an integer, got 0.001$"):
+        load_config(SMOKE, ["train.max_steps=1e-3"])
     with pytest.raises(ConfigError, match=r"^optim.lr must be a number, got '1e-3x'$"):
         load_config(SMOKE, ["optim.lr=1e-3x"])
 

@@ -17,7 +17,7 @@ import torch
 from helpers_diffusion import (all_masks, batch_mean_and_se, one_torch_thread, piecewise_nodes, token_nll, toy_model,
                                window_masked_prob, window_masked_rate)
 from lomdm_dist.config import DiffusionConfig
-from lomdm_dist.diffusion.objective import diffusion_loss
+from lomdm_dist.diffusion.objective import StepSpec, diffusion_loss
 from lomdm_dist.diffusion.schedulers import build_scheduler
 
 V = 5
@@ -96,8 +96,8 @@ def test_diffusion_loss_estimates_the_exact_nelbo(setup, eps):
     per_step = []
     with torch.no_grad():
         for step in range(150):
-            out = diffusion_loss(model, build_scheduler(cfg), xb, cfg=cfg, seed=5, step=step, rows=rows,
-                                 global_batch=batch)
+            out = diffusion_loss(model, build_scheduler(cfg), xb,
+                                 StepSpec(seed=5, step=step, rows=rows, global_batch=batch), cfg=cfg)
             per_step.append(out.row_nelbo.mean().item())
     mean, se = batch_mean_and_se(per_step)
     assert abs(mean - expected) <= Z_LIMIT * se, (mean, expected, se)

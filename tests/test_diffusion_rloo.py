@@ -29,7 +29,7 @@ from helpers_diffusion import all_masks, one_torch_thread, randomise_zero_init, 
 from kernels.scheduler import lomdm_schedule
 from lomdm_dist.config import DiffusionConfig, ModelConfig
 from lomdm_dist.diffusion import randomness
-from lomdm_dist.diffusion.objective import diffusion_loss
+from lomdm_dist.diffusion.objective import StepSpec, diffusion_loss
 from lomdm_dist.diffusion.schedulers import build_scheduler
 from lomdm_dist.model import build_model
 
@@ -121,8 +121,8 @@ def estimator_vs_exact(problem, steps: int, num_masks: int) -> tuple[torch.Tenso
     k = phi_exponents(model, xs)
     diffs, exact = [], []
     for step in range(steps):
-        out = diffusion_loss(model, scheduler, x, cfg=CFG, seed=4, step=step, rows=rows, global_batch=BATCH,
-                             num_masks=num_masks)
+        out = diffusion_loss(model, scheduler, x,
+                             StepSpec(seed=4, step=step, rows=rows, global_batch=BATCH, num_masks=num_masks), cfg=CFG)
         estimate = flat_grad(out.loss, params)
         # The objective computes A and log q from float32 t; use the same values.
         t = randomness.diffusion_times(4, step, rows, BATCH, t_eps=CFG.t_eps).float().double()

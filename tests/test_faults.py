@@ -24,7 +24,7 @@ import torch
 
 from lomdm_dist.config import load_config
 from lomdm_dist.launch import build_job_spec, submit_job
-from lomdm_dist.train import checkpoint as ckpt_lib
+from lomdm_dist import checkpoint as ckpt_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULTY_TRAIN = ROOT / "tests" / "fault_workers" / "faulty_train.py"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lomdm_dist.train import checkpoint as ckpt_lib
+from lomdm_dist import checkpoint as ckpt_lib
 from dist_utils import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lomdm_dist.config import ConfigError, DiffusionConfig, ModelConfig
-from lomdm_dist.model import DiT, DiTBlock, LoMDM, apply_rotary, build_model, rotary_cos_sin
+from lomdm_dist.model import DiTBlock, LoMDM, apply_rotary, build_model, rotary_cos_sin
 
 VOCAB = 37
 SMALL = ModelConfig(n_layers=2, d_model=32, n_heads=4, cond_dim=16, mlp_ratio=4, dropout=0.0,
@@ -296,7 +296,7 @@ def test_parameter_count_mdlm_small():
 
 def test_bad_inputs_are_named():
     with pytest.raises(ConfigError, match="model.d_model"):
-        build_model(ModelConfig(d_model=30, n_heads=4), DiffusionConfig(), VOCAB)
+        ModelConfig(d_model=30, n_heads=4).validate()
     with pytest.raises(ConfigError, match="vocab_size"):
         build_model(SMALL, DiffusionConfig(), 1)
     model = small_model(time_conditioning=True)

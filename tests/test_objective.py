@@ -22,7 +22,7 @@ from helpers_diffusion import (batch_mean_and_se, one_torch_thread, piecewise_no
 from kernels.velocity_loss import velocity_loss
 from lomdm_dist.config import DiffusionConfig, ModelConfig
 from lomdm_dist.diffusion import randomness
-from lomdm_dist.diffusion.objective import diffusion_loss
+from lomdm_dist.diffusion.objective import PlainPasses, StepSpec, diffusion_loss
 from lomdm_dist.diffusion.schedulers import build_scheduler
 from lomdm_dist.model import build_model
 
@@ -110,8 +110,8 @@ def test_uniform_denoiser_expected_nelbo_is_log_v(name):
     x = random_tokens(batch, seed=1)
     per_step = []
     for step in range(200):
-        out = diffusion_loss(model, scheduler, x, cfg=cfg, seed=7, step=step, rows=torch.arange(batch),
-                             global_batch=batch)
+        out = diffusion_loss(model, scheduler, x, StepSpec(seed=7, step=step, rows=torch.arange(batch),
+                                                            global_batch=batch), cfg=cfg)
         assert out.l_velocity.item() == 0.0
         per_step.append(out.nelbo.item())
     mean, se = batch_mean_and_se(per_step)
@@ -146,7 +146,7 @@ def test_mdlm_scheduler_gives_the_mdlm_loss(time_conditioning):
     model = toy_model(V + 1, SEQ_LEN, time_conditioning=time_conditioning, seed=3)
     rows = torch.arange(16, 48)
     x = random_tokens(len(rows), seed=2)
-    out = diffusion_loss(model, build_scheduler(cfg), x, cfg=cfg, seed=11, step=4, rows=rows, global_batch=64)
+    out = diffusion_loss(model, build_scheduler(cfg), x, StepSpec(seed=11, step=4, rows=rows, global_batch=64), cfg=cfg)
     ref_loss, ref_rows = mdlm_reference_loss(model, x, rows, seed=11, step=4, global_batch=64,
                                              eps=cfg.mdlm_eps, t_eps=cfg.t_eps)
     # float32 against float64: a sum of 32 x 8 token terms, each a log-sum-exp over V + 1 logits from
@@ -217,8 +217,8 @@ def test_no_gradient_reaches_psi_when_c2_is_zero(kind):
     def grads(c2):
         cfg = DiffusionConfig(scheduler="lomdm", c1=0.7, c2=c2)
         model.zero_grad(set_to_none=True)
-        out = diffusion_loss(model, build_scheduler(cfg), x, cfg=cfg, seed=2, step=1, rows=torch.arange(8),
-                             global_batch=8)
+        out = diffusion_loss(model, build_scheduler(cfg), x, StepSpec(seed=2, step=1, rows=torch.arange(8),
+                                                                    global_batch=8), cfg=cfg)
         out.loss.backward()
         return out, {name: (p.grad if p.grad is not None else torch.zeros_like(p))
                      for name, p in model.named_parameters()}
@@ -257,11 +257,11 @@ def test_split_batch_gives_the_same_rows_loss_and_gradient(name):
     valid[6, 3:] = False
     rows = torch.arange(8)
     total = valid.sum().float()
-    kwargs = dict(cfg=cfg, seed=9, step=3, global_batch=8, normalizer=total)
+    spec = dict(seed=9, step=3, global_batch=8, normalizer=total)
 
-    full = diffusion_loss(model, scheduler, x, rows=rows, valid=valid, **kwargs)
+    full = diffusion_loss(model, scheduler, x, StepSpec(rows=rows, **spec), cfg=cfg, valid=valid)
     full_grads = torch.autograd.grad(full.loss, [p for p in model.parameters()], allow_unused=True)
-    halves = [diffusion_loss(model, scheduler, x[s], rows=rows[s], valid=valid[s], **kwargs)
+    halves = [diffusion_loss(model, scheduler, x[s], StepSpec(rows=rows[s], **spec), cfg=cfg, valid=valid[s])
               for s in (slice(0, 4), slice(4, 8))]
     half_grads = [torch.autograd.grad(h.loss, [p for p in model.parameters()], allow_unused=True) for h in halves]
 
@@ -307,8 +307,8 @@ def test_padding_is_masked_like_any_position_but_never_scored(name):
     valid = torch.ones_like(x, dtype=torch.bool)
     valid[:, -5:] = False
     num_masks = cfg.resolved_masks_per_row()
-    out = diffusion_loss(model, build_scheduler(cfg), x, cfg=cfg, seed=1, step=0, rows=torch.arange(B),
-                         global_batch=B, valid=valid, token_loss=recording_loss)
+    out = diffusion_loss(model, build_scheduler(cfg), x, StepSpec(seed=1, step=0, rows=torch.arange(B), global_batch=B),
+                         cfg=cfg, valid=valid, passes=PlainPasses(model, token_loss=recording_loss))
     z = seen[-1].reshape(num_masks, B, SEQ_LEN)
     masked = z == model.mask_token_id
     pad_masked = masked[:, :, -5:].double().mean()

@@ -17,7 +17,7 @@ import torch
 
 from helpers_diffusion import one_torch_thread
 from lomdm_dist.config import DiffusionConfig, ModelConfig, OptimConfig
-from lomdm_dist.diffusion.objective import diffusion_loss
+from lomdm_dist.diffusion.objective import StepSpec, diffusion_loss
 from lomdm_dist.diffusion.schedulers import build_scheduler
 from lomdm_dist.model import build_model
 from lomdm_dist.train.optimizer import build_optimizer
@@ -88,8 +88,8 @@ def test_training_from_the_collapsed_state(normsig):
     spreads = []
     for step in range(40):
         optimizer.zero_grad(set_to_none=True)
-        out = diffusion_loss(model, scheduler, rows(step), cfg=cfg, seed=0, step=step, rows=torch.arange(B),
-                             global_batch=B)
+        out = diffusion_loss(model, scheduler, rows(step), StepSpec(seed=0, step=step, rows=torch.arange(B),
+                                                                     global_batch=B), cfg=cfg)
         out.loss.backward()
         if step == 0:
             head_grad = torch.cat([p.grad.flatten() for p in model.phi.parameters() if p.grad is not None])

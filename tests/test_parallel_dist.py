@@ -17,20 +17,15 @@ gradient would move them by that much on every entry).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "parallel_workers"))
-
-from parallel_common import PAD_ID, SEED, eval_batches, make_config, make_model, single_process_steps  # noqa: E402
+from parallel_workers.parallel_common import PAD_ID, SEED, eval_batches, make_config, make_model, single_process_steps  # noqa: E402
 from dist_utils import run_workers  # noqa: E402
 from tolerances import grad_scale  # noqa: E402
 from lomdm_dist.diffusion.schedulers import build_scheduler  # noqa: E402
 from lomdm_dist.eval.perplexity import validation_nelbo  # noqa: E402
-from lomdm_dist.parallel import load_distributed_checkpoint, save_distributed_checkpoint  # noqa: E402
+from lomdm_dist.checkpoint.distributed import load_distributed_checkpoint, save_distributed_checkpoint  # noqa: E402
 from lomdm_dist.train.ema import EMA  # noqa: E402
 from lomdm_dist.train.optimizer import build_optimizer  # noqa: E402
 

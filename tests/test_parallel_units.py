@@ -6,29 +6,24 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "parallel_workers"))
-
-from parallel_common import BATCH, PAD_ID, SEED, batches, eval_batches, make_config, make_model  # noqa: E402
+from parallel_workers.parallel_common import BATCH, PAD_ID, SEED, batches, eval_batches, make_config, make_model  # noqa: E402
 from tolerances import grad_scale  # noqa: E402
 from lomdm_dist.config import ConfigError  # noqa: E402
-from lomdm_dist.diffusion.objective import diffusion_loss  # noqa: E402
+from kernels.velocity_loss import velocity_loss  # noqa: E402
+from lomdm_dist.diffusion.objective import CleanPass, StepSpec, diffusion_loss  # noqa: E402
 from lomdm_dist.diffusion.schedulers import build_scheduler  # noqa: E402
 from lomdm_dist.eval.perplexity import validation_nelbo  # noqa: E402
-from lomdm_dist.parallel import (ParallelConfig, build_mesh, clip_grad_norm_, grad_norm,  # noqa: E402
-                                 load_distributed_checkpoint, save_distributed_checkpoint, validate_layout)
+from lomdm_dist.parallel import ParallelConfig, build_mesh, clip_grad_norm_, grad_norm, validate_layout  # noqa: E402
+from lomdm_dist.checkpoint.distributed import load_distributed_checkpoint, save_distributed_checkpoint  # noqa: E402
 from lomdm_dist.parallel.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
-from lomdm_dist.diffusion.objective import (assemble_loss, clean_features, draw_exponents,  # noqa: E402
-                                            draw_masks, masked_copies, masked_pass_loss, step_randomness)
 from lomdm_dist.parallel.pipeline import (PipelineHole, StageModule, keep_stage_parts, rank_stages,  # noqa: E402
                                           stage_blocks)
-from lomdm_dist.train.checkpoint import CheckpointError, latest_checkpoint, verify_checkpoint  # noqa: E402
+from lomdm_dist.checkpoint.protocol import CheckpointError, latest_checkpoint, verify_checkpoint  # noqa: E402
 from lomdm_dist.train.ema import EMA  # noqa: E402
 from lomdm_dist.train.optimizer import build_optimizer  # noqa: E402
 
@@ -95,6 +90,43 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+class MicrobatchedPasses:
+    """The pipeline's passes in one process: unequal microbatches, the clean features stored detached
+    and the phi head re-applied with grad per microbatch, each microbatch's loss back-propagated on
+    its own (as a pipeline schedule does at its last stage)."""
+
+    backpropagates = True
+    reduce_sums = None
+    token_loss = staticmethod(velocity_loss)
+
+    def __init__(self, model, chunks: list[slice]):
+        self.model, self.chunks = model, chunks
+
+    def microbatches(self, rows):
+        assert rows == self.chunks[-1].stop
+        return self.chunks
+
+    def clean_pass(self, x, sigma, to_exponents):
+        backbone = self.model.backbone
+        c = backbone.conditioning(x.shape[0], sigma)
+        with torch.no_grad():
+            h = backbone.features(x, c)
+            k = to_exponents(self.model.phi(h, c).float())
+        h, c = h.detach(), c.detach()
+        return CleanPass(k=k, phi=lambda rows: self.model.phi(h[rows], c[rows]).float())
+
+    def masked_pass(self, z, sigma, loss):
+        backbone = self.model.backbone
+        K = z.shape[0] // self.chunks[-1].stop
+        for index, chunk in enumerate(self.chunks):
+            copies = slice(K * chunk.start, K * chunk.stop)       # copy-major within the microbatch
+            c = backbone.conditioning(K * (chunk.stop - chunk.start), sigma[copies])
+            loss(index, backbone.features(z[copies], c), c).backward()
+
+    def share(self, out):
+        return out
+
+
 def test_microbatched_last_stage_loss_equals_whole_batch():
     """What the last pipeline stage computes per microbatch (phi re-applied on stored, detached clean
     features) adds up to diffusion_loss on the whole batch, gradients included."""
@@ -103,30 +135,13 @@ def test_microbatched_last_stage_loss_equals_whole_batch():
     rows = torch.arange(BATCH)
     scheduler = build_scheduler(cfg.diffusion)
     ref_model, model = make_model(cfg), make_model(cfg)
-    ref = diffusion_loss(ref_model, scheduler, x, cfg=cfg.diffusion, seed=SEED, step=0, rows=rows,
-                         global_batch=BATCH, valid=valid)
+    spec = StepSpec(seed=SEED, step=0, rows=rows, global_batch=BATCH)
+    ref = diffusion_loss(ref_model, scheduler, x, spec, cfg=cfg.diffusion, valid=valid)
     ref.loss.backward()
 
-    backbone = model.backbone
-    times, uniforms = step_randomness(seed=SEED, step=0, rows=rows, global_batch=BATCH, seq_len=x.shape[1],
-                                      num_masks=2, cfg=cfg.diffusion)
-    t = times.t.float()
-    h_clean, c_clean = clean_features(model, x, t)
-    h_clean, c_clean = h_clean.detach(), c_clean.detach()
-    with torch.no_grad():
-        k_draw = draw_exponents(scheduler, model.phi(h_clean, c_clean), times.t, valid)
-    masks = draw_masks(scheduler, times, uniforms, k_draw)
-    normalizer = valid.sum().float()
-    parts = []
-    for chunk in (slice(0, 3), slice(3, 8)):      # unequal microbatches on purpose
-        z = masked_copies(x[chunk], masks[:, chunk], model.mask_token_id)
-        c = backbone.conditioning(z.shape[0])
-        h = backbone.features(z, c)
-        part = masked_pass_loss(model, scheduler, h=h, c=c, x=x[chunk], valid=valid[chunk], masks=masks[:, chunk],
-                                times=times[chunk], cfg=cfg.diffusion, h_clean=h_clean[chunk], c_clean=c_clean[chunk])
-        (part.surrogate.sum() / normalizer).backward()
-        parts.append(part)
-    out = assemble_loss(parts, normalizer=normalizer, tokens=valid.sum().float())
+    passes = MicrobatchedPasses(model, [slice(0, 3), slice(3, 8)])     # unequal microbatches on purpose
+    out = diffusion_loss(model, scheduler, x, spec, cfg=cfg.diffusion, valid=valid, passes=passes)
+    assert not out.loss.requires_grad                                  # back-propagated per microbatch
     # float32, other batch shapes and groupings: each token term comes from length-32 dot products and a
     # log-sum-exp over 61 logits; the loss and the statistics sum 8 x 16 token terms, a row 16; worst case
     # (terms + 61 + 32) * 2^-24 relative
@@ -192,8 +207,8 @@ def test_clip_grad_norm_matches_torch_on_plain_parameters(max_norm):
     models = [make_model(cfg), make_model(cfg)]
     scheduler = build_scheduler(cfg.diffusion)
     for m in models:
-        diffusion_loss(m, scheduler, x, cfg=cfg.diffusion, seed=SEED, step=0, rows=torch.arange(BATCH),
-                       global_batch=BATCH, valid=valid).loss.backward()
+        diffusion_loss(m, scheduler, x, StepSpec(seed=SEED, step=0, rows=torch.arange(BATCH), global_batch=BATCH),
+                       cfg=cfg.diffusion, valid=valid).loss.backward()
     expected = torch.nn.utils.clip_grad_norm_(models[0].parameters(), max_norm)
     # float32 sums of the N squared gradient entries in two groupings (per tensor, then across; per-tensor
     # norms, then their norm): sqrt(N) * 2^-24 typical; the clipped gradients inherit it through the factor
@@ -218,9 +233,9 @@ def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients(mode, re
     blocks = [b for b in model.backbone.blocks] + [model.phi.block, model.psi.block]
     for block in blocks:
         block.attn.register_forward_pre_hook(lambda mod, args: calls.append(torch.is_grad_enabled()))
-    kwargs = dict(cfg=cfg.diffusion, seed=SEED, step=0, rows=torch.arange(BATCH), global_batch=BATCH, valid=valid)
-    diffusion_loss(ref_model, scheduler, x, **kwargs).loss.backward()
-    out = diffusion_loss(model, scheduler, x, **kwargs)
+    spec = StepSpec(seed=SEED, step=0, rows=torch.arange(BATCH), global_batch=BATCH)
+    diffusion_loss(ref_model, scheduler, x, spec, cfg=cfg.diffusion, valid=valid).loss.backward()
+    out = diffusion_loss(model, scheduler, x, spec, cfg=cfg.diffusion, valid=valid)
     forward_calls = len(calls)
     out.loss.backward()
     # checkpointed blocks run their forward again during backward: 4 backbone blocks on the masked
@@ -242,8 +257,8 @@ def test_distributed_checkpoint_round_trip_in_one_process(tmp_path):
     ema = EMA(model, 0.9)
     scheduler = build_scheduler(cfg.diffusion)
     x, valid = batches(1)[0]
-    diffusion_loss(model, scheduler, x, cfg=cfg.diffusion, seed=SEED, step=0, rows=torch.arange(BATCH),
-                   global_batch=BATCH, valid=valid).loss.backward()
+    diffusion_loss(model, scheduler, x, StepSpec(seed=SEED, step=0, rows=torch.arange(BATCH), global_batch=BATCH),
+                   cfg=cfg.diffusion, valid=valid).loss.backward()
     optimizer.step()
     ema.update(model)
     run = tmp_path / "run"
@@ -319,8 +334,9 @@ def test_step_flops_match_torch_flop_counter(scheduler_name):
     x, valid = batches(1)[0]
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):
-        out = diffusion_loss(model, build_scheduler(cfg.diffusion), x, cfg=cfg.diffusion, seed=SEED, step=0,
-                             rows=torch.arange(BATCH), global_batch=BATCH, valid=torch.ones_like(valid))
+        out = diffusion_loss(model, build_scheduler(cfg.diffusion), x,
+                             StepSpec(seed=SEED, step=0, rows=torch.arange(BATCH), global_batch=BATCH),
+                             cfg=cfg.diffusion, valid=torch.ones_like(valid))
         out.loss.backward()
     m = cfg.model
     flops = step_flops(n_layers=m.n_layers, d_model=m.d_model, mlp_ratio=m.mlp_ratio, cond_dim=m.cond_dim,

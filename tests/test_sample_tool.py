@@ -16,7 +16,7 @@ from lomdm_dist.config import Config, DiffusionConfig, ModelConfig, config_to_di
 from lomdm_dist.diffusion.sampler import sample
 from lomdm_dist.diffusion.schedulers import build_scheduler
 from lomdm_dist.model import build_model
-from lomdm_dist.train.checkpoint import save_checkpoint
+from lomdm_dist.checkpoint.distributed import save_checkpoint
 from lomdm_dist.train.samples import write_samples
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "sample.py"
@@ -82,7 +82,7 @@ def test_every_line_names_checkpoint_step_weights_and_sampler_settings(run, tmp_
     assert prov == {"checkpoint": str((run_dir / "checkpoints" / f"step-{STEP:08d}").resolve()), "step": STEP,
                     "weights": weights, "seed": 11, "steps": 5, "t_min": 0.001, "num": 3, "seq_len": 12,
                     "batch_size": 2, "final_argmax": True, "reverse_c2_zero": False, "scheduler": "mdlm",
-                    "tokenizer": "gpt2", "device": "cpu",
+                    "tokenizer": "gpt2", "device": "cpu", "top_p": 1.0, "prefix": None, "infill": None,
                     # positions left for the final argmax: those no step unmasked (order == steps)
                     "argmax_filled": sum(o == 5 for line in lines for o in line["order"])}
     redrawn = _redraw(cfg, ema if weights == "ema" else raw, prov)

@@ -19,7 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from lomdm_dist.config import Config, DiffusionConfig, ModelConfig
+from lomdm_dist.config import DiffusionConfig, ModelConfig
+from helpers_checkpoint import write_tiny_checkpoint
 from lomdm_dist.diffusion import sampler as sampler_mod
 from lomdm_dist.diffusion.sampler import sample
 from lomdm_dist.diffusion.schedulers import build_scheduler
@@ -479,26 +480,7 @@ def test_tool_end_to_end_from_a_checkpoint(tmp_path, capsys):
     """A checkpoint saved by the trainer's checkpoint module, sampled and decoded with GPT-2 BPE."""
     import json
 
-    import yaml
-
-    from data_pipeline.tokenizers import get_tokenizer
-    from lomdm_dist.config import config_to_dict
-    from lomdm_dist.model import build_model
-    from lomdm_dist.train.checkpoint import save_checkpoint
-
-    cfg = Config()
-    cfg.model = ModelConfig(n_layers=1, d_model=16, n_heads=2, cond_dim=8)
-    cfg.diffusion = DiffusionConfig(scheduler="mdlm")
-    cfg.data.seq_len = 12
-    tok = get_tokenizer("gpt2")
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.diffusion, tok.vocab_size + 1)
-    with torch.no_grad():                       # make the output layer non-trivial (it starts at zero)
-        for p in model.parameters():
-            p.add_(0.5 * torch.randn_like(p))
-    save_checkpoint(tmp_path / "run", 5, model_state=model.state_dict(), ema_state=None, trainer_state={},
-                    config_yaml=yaml.safe_dump(config_to_dict(cfg)), meta={"vocab_size": tok.vocab_size + 1},
-                    keep=1)
+    tok = write_tiny_checkpoint(tmp_path / "run")
     out = tmp_path / "samples.jsonl"
     tool = _load_tool()
     assert tool.main(["--ckpt", str(tmp_path / "run"), "--num", "3", "--steps", "6", "--out", str(out),

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lomdm_dist.config import ConfigError, load_config
-from lomdm_dist.train import checkpoint as ckpt_lib
+from lomdm_dist import checkpoint as ckpt_lib
 from lomdm_dist.train.trainer import Trainer, TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,7 +244,7 @@ def test_tensorboard_tags_are_grouped_and_metrics_jsonl_stays_flat(finished_run)
 
 
 def test_checkpoints_hold_the_weights_once_and_export_on_demand(finished_run, tmp_path):
-    from lomdm_dist.train.export import main as export_main
+    from lomdm_dist.checkpoint.export import main as export_main
 
     run, trainer = finished_run["run"], finished_run["trainer"]
     ckpt = ckpt_lib.latest_checkpoint(run)

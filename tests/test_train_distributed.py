@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from lomdm_dist.config import load_config
-from lomdm_dist.train import checkpoint as ckpt_lib
+from lomdm_dist import checkpoint as ckpt_lib
 from lomdm_dist.train.trainer import Trainer
 from dist_utils import tiny_overrides
 
@@ -134,7 +134,7 @@ def test_resume_with_fsdp_from_a_single_process_checkpoint(runs):
 
 
 def test_inference_model_loads_a_sharded_checkpoint_in_one_process(runs):
-    from lomdm_dist.train.checkpoint import load_inference_model
+    from lomdm_dist.checkpoint.inference import load_inference_model
 
     _, model, _ = load_inference_model(str(runs["tp2"]), use_ema=True)
     ema = ckpt_lib.load_checkpoint(runs["single"])["ema"]

@@ -21,13 +21,9 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from data_pipeline.builder import BuildConfig, build  # noqa: E402
-from data_pipeline.reader import ShardStream, iter_eval_batches  # noqa: E402
-from data_pipeline.sources import (SourceSpec, clean_document, gensim_wikipedia_excerpt,  # noqa: E402
+from data_pipeline.builder import BuildConfig, build
+from data_pipeline.reader import ShardStream, iter_eval_batches
+from data_pipeline.sources import (SourceSpec, clean_document, gensim_wikipedia_excerpt,
                                    iter_raw_documents)
 
 

@@ -19,20 +19,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from kernels import scheduler as sched_mod  # noqa: E402
-from kernels import velocity_loss as loss_mod  # noqa: E402
+from kernels import scheduler as sched_mod
+from kernels import velocity_loss as loss_mod
 
 GPU_DEFAULTS = {"tokens": 16384, "vocab": 50258, "rows": 32, "seq": 1024, "iters": 20}
 CPU_DEFAULTS = {"tokens": 512, "vocab": 50258, "rows": 32, "seq": 1024, "iters": 5}

@@ -19,9 +19,6 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         print("estimator_variance.py: --t-samples must be positive and --max-batches >= 0", file=sys.stderr)
         return 2
     from lomdm_dist.eval.perplexity import validation_nelbo
-    from lomdm_dist.train.checkpoint import CheckpointError, load_inference_model
+    from lomdm_dist.checkpoint.inference import load_inference_model
+    from lomdm_dist.checkpoint.protocol import CheckpointError
     from lomdm_dist.train.data import build_data
 
     try:

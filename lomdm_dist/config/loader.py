@@ -5,7 +5,9 @@ messages that name the full dotted key) are ~100 lines over ``dataclasses`` and 
 typed dataclasses stay the single source of truth without a second schema language.
 
 Files and override values are read by one YAML dialect (:class:`ConfigLoader`): PyYAML's safe
-loader, whose YAML 1.1 rules read ``1e-3`` as a string, taught YAML 1.2's floats.
+loader, whose YAML 1.1 rules read ``1e-3`` as a string, taught YAML 1.2's floats. An integer key
+also takes a number in exponent form whose value is whole (``train.max_steps=1e3``); ``1000.0``
+or ``1.5`` stay errors.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from .schema import Config, ConfigError
+from .errors import ConfigError
+from .schema import Config
 
 _FLOAT = re.compile(r"""^(?:
      [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?      # 3.0, 3., 3.0e-4, 3.0e4
@@ -79,6 +82,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _whole_exponent_form(value: Any) -> bool:
+    """A number written with an exponent (``1e3``, ``2.5E4``) whose value is a whole number: the
+    way large counts are written, read as the integer it names. Other floats (``1000.0``) are not."""
+    return (isinstance(value, YamlFloat) and value.is_integer()
+            and "e" in value.text.lower() and ":" not in value.text)
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` against the type ``annotation``; return it converted (int->float, list->tuple)."""
     origin = get_origin(annotation)
@@ -118,6 +128,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be true or false, got {value!r}")
         return value
     if annotation is int:
+        if _whole_exponent_form(value):
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
@@ -183,19 +195,25 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML file (or start from defaults when ``path`` is None), apply overrides, validate."""
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            tree = load_yaml(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections")
-    for text in overrides:
-        key, value = parse_override(text)
+    if path is None:
+        return config_from_yaml("", overrides)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    return config_from_yaml(p.read_text(), overrides, source=f"config file {p}")
+
+
+def config_from_yaml(text: str, overrides: typing.Sequence[str] = (), *, source: str = "config") -> Config:
+    """:func:`load_config` for YAML text already in memory (e.g. a checkpoint's ``config.yaml``);
+    ``source`` names it in error messages."""
+    try:
+        tree = load_yaml(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source} must hold a mapping of sections")
+    for override in overrides:
+        key, value = parse_override(override)
         _set_dotted(tree, key, value)
     return _build(Config, tree, "").validate()
 

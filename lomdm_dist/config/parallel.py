@@ -1,19 +1,29 @@
 """The ``parallel.*`` config section: how one training step is spread over processes.
 
 The four sizes name the dimensions of the device mesh (see ``mesh.py``); their product must equal
-the number of processes. The section is plain data: ``layout.validate_layout`` checks it against
-the model and the batch before any process group exists, so a bad layout fails in the launcher
-with a message that names the key instead of hanging in a collective.
+the number of processes. :meth:`ParallelConfig.validate` checks the section's own keys (sizes,
+choices, the pipeline schedule's needs) with the rest of the config; ``layout.validate_layout``
+checks it against the world size, the model and the batch before any process group exists, so a
+bad layout fails in the launcher with a message that names the key instead of hanging in a
+collective.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, get_args
+
+from .errors import ConfigError
 
 ActivationCheckpointing = Literal["none", "selective", "full"]
 PipelineSchedule = Literal["1f1b", "gpipe", "interleaved_1f1b"]
+
+_SIZE_KEYS = ("pp", "dp_replicate", "dp_shard", "tp", "virtual_stages")
+
+
+def _is_count(value: Any, low: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= low
 
 
 @dataclass
@@ -65,6 +75,36 @@ class ParallelConfig:
     def num_stages(self) -> int:
         """Pipeline stages in total (pp ranks times virtual stages per rank)."""
         return self.pp * self.virtual_stages
+
+    def validate(self) -> "ParallelConfig":
+        """Reject values of the section that no world size makes valid; every message names the key.
+        (The section is also built directly, e.g. by tests and tools, so the type checks that the
+        loader makes for YAML are repeated for the sizes.)"""
+        for key in _SIZE_KEYS:
+            value = getattr(self, key)
+            if not _is_count(value, 1):
+                raise ConfigError(f"parallel.{key} must be a positive integer, got {value!r}")
+        if not _is_count(self.microbatches, 0):
+            raise ConfigError(f"parallel.microbatches must be a positive integer or 0 (automatic: parallel.pp), "
+                              f"got {self.microbatches!r}")
+        modes = get_args(ActivationCheckpointing)
+        if self.activation_checkpointing not in modes:
+            raise ConfigError(f"parallel.activation_checkpointing must be one of {', '.join(modes)}; "
+                              f"got {self.activation_checkpointing!r}")
+        schedules = get_args(PipelineSchedule)
+        if self.pipeline_schedule not in schedules:
+            raise ConfigError(f"parallel.pipeline_schedule must be one of {', '.join(schedules)}; "
+                              f"got {self.pipeline_schedule!r}")
+        if self.pipeline_schedule == "interleaved_1f1b":
+            if self.virtual_stages < 2:
+                raise ConfigError("parallel.pipeline_schedule interleaved_1f1b needs parallel.virtual_stages >= 2, "
+                                  f"got {self.virtual_stages}")
+        elif self.virtual_stages != 1:
+            raise ConfigError(f"parallel.virtual_stages ({self.virtual_stages}) > 1 needs "
+                              f"parallel.pipeline_schedule interleaved_1f1b, got {self.pipeline_schedule}")
+        if self.collective_timeout_s <= 0:
+            raise ConfigError(f"parallel.collective_timeout_s must be positive, got {self.collective_timeout_s}")
+        return self
 
     def resolved_microbatches(self) -> int:
         """Microbatches the pipeline runs: ``microbatches``, or ``pp`` when it is 0 (automatic)."""

@@ -1,23 +1,31 @@
 """Typed configuration: the dataclasses are the source of truth for every key.
 
 A YAML file fills these, ``key.sub=value`` overrides apply last (see ``loader.py``). Each field's
-docstring-comment says what it controls; ``validate()`` rejects impossible combinations before any
-work starts, naming the offending key.
+docstring-comment says what it controls. Every section checks its own keys (``validate()`` of the
+section); :meth:`Config.validate` runs each section's check once and adds the checks that need two
+sections. Both raise :class:`ConfigError` naming the offending key, before any work starts. The
+``parallel`` section's fit to the world size, the model and the batch is checked where the world
+size is known (``lomdm_dist.parallel.layout.validate_layout``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
+from .errors import ConfigError
 from .parallel import ParallelConfig
 from .slurm import SlurmConfig
 
 SchedulerName = Literal["mdlm", "poly", "arm", "block", "lomdm"]
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key. Printed without a traceback."""
+def require_positive(values: dict[str, float]) -> None:
+    """Raise :class:`ConfigError` for the first key (full dotted name) whose value is not > 0."""
+    for key, value in values.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
 
 
 @dataclass
@@ -29,6 +37,10 @@ class RunConfig:
     allow_config_change: bool = False
     """Resume a run directory even when keys its checkpoint cannot continue under changed (model shape,
     scheduler, c1/c2, seq_len, tokenizer, data set, seed); without it such a resume is refused."""
+
+    def validate(self) -> "RunConfig":
+        """Nothing to check: every value of the section is usable."""
+        return self
 
 
 @dataclass
@@ -61,6 +73,16 @@ class DataConfig:
     checks miss, at the price of reading all the data once per process. A mismatch is a corrupt
     shard: an error naming it, or skipped (training shards only) with skip_corrupt_shards."""
 
+    def validate(self) -> "DataConfig":
+        """Reject impossible values of the ``data`` section; every message names the key."""
+        require_positive({"data.seq_len": self.seq_len, "data.batch_size": self.batch_size,
+                          "data.eval_batch_size": self.eval_batch_size})
+        if self.seq_len < 3:
+            raise ConfigError("data.seq_len must be at least 3 (BOS, one token, EOS)")
+        if self.source == "shards" and not self.path:
+            raise ConfigError("data.path must name a shard manifest when data.source is 'shards'")
+        return self
+
 
 @dataclass
 class ModelConfig:
@@ -76,6 +98,23 @@ class ModelConfig:
     rope_base: float = 10000.0
     head_mlp_hidden: int = 0
     """Hidden width of the phi/psi MLP (0 means d_model)."""
+
+    def validate(self) -> "ModelConfig":
+        """Reject shapes the model cannot be built with; every message names the key."""
+        require_positive({"model.n_layers": self.n_layers, "model.d_model": self.d_model,
+                          "model.n_heads": self.n_heads, "model.cond_dim": self.cond_dim,
+                          "model.mlp_ratio": self.mlp_ratio})
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError("model.d_model / model.n_heads must be even (rotary embeddings rotate pairs)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.head_mlp_hidden < 0:
+            raise ConfigError(f"model.head_mlp_hidden must be >= 0, got {self.head_mlp_hidden}")
+        if self.rope_base <= 0:
+            raise ConfigError(f"model.rope_base must be positive, got {self.rope_base}")
+        return self
 
 
 @dataclass
@@ -121,6 +160,36 @@ class DiffusionConfig:
             return self.masks_per_row
         return 2 if self.scheduler == "lomdm" else 1
 
+    def validate(self) -> "DiffusionConfig":
+        """Reject schedules that are not schedules (non-positive exponents, eps outside (0, 1), an
+        importance density of infinite variance); every message names the key. Whether
+        ``block_size`` divides the sequence length is :meth:`Config.validate`'s (two sections)."""
+        require_positive({"diffusion.block_size": self.block_size})
+        if self.scheduler == "lomdm":
+            if self.c2 < 0:
+                raise ConfigError(f"diffusion.c2 must be >= 0, got {self.c2}")
+            if self.c1 <= self.c2:
+                raise ConfigError(
+                    f"diffusion.c1 ({self.c1}) must be greater than diffusion.c2 ({self.c2}): "
+                    "exponents c1 + c2 * NormSig lie in (c1 - c2, c1 + c2) and must stay positive")
+            if self.resolved_masks_per_row() != 2:
+                raise ConfigError("diffusion.masks_per_row must be 2 for the lomdm scheduler (RLOO with two masks)")
+        if self.scheduler == "poly" and self.c1 <= 0:
+            raise ConfigError(f"diffusion.c1 (the poly exponent) must be positive, got {self.c1}")
+        if not 0.0 < self.window_eps < 1.0:
+            raise ConfigError(f"diffusion.window_eps must be in (0, 1), got {self.window_eps}")
+        if not 0.0 < self.t_eps < 1.0:
+            raise ConfigError(f"diffusion.t_eps must be in (0, 1), got {self.t_eps}")
+        from ..diffusion.time_sampling import check_time_sampling   # the rule lives beside the sampler
+        problem = check_time_sampling(self)
+        if problem:
+            raise ConfigError(problem)
+        if not 0.0 <= self.mdlm_eps < 1.0:
+            raise ConfigError(f"diffusion.mdlm_eps must be in [0, 1), got {self.mdlm_eps}")
+        if self.masks_per_row < 0:
+            raise ConfigError(f"diffusion.masks_per_row must be >= 0, got {self.masks_per_row}")
+        return self
+
 
 @dataclass
 class OptimConfig:
@@ -133,6 +202,20 @@ class OptimConfig:
     warmup_steps: int = 2500
     grad_clip: float = 1.0
     """Global grad-norm clip (0 disables)."""
+
+    def validate(self) -> "OptimConfig":
+        """Reject impossible optimizer settings; every message names the key."""
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if self.scheduler_lr < 0:
+            raise ConfigError(f"optim.scheduler_lr must be >= 0, got {self.scheduler_lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must lie in [0, 1), got {self.betas}")
+        return self
 
 
 @dataclass
@@ -164,7 +247,21 @@ class TrainConfig:
     """Consecutive logged steps of a dead-looking order before the warning."""
     export_safetensors: bool = False
     """Also write consolidated model.safetensors / ema.safetensors into every checkpoint (a second copy
-    of the weights; ``python -m lomdm_dist.train.export`` makes one on demand instead)."""
+    of the weights; ``python -m lomdm_dist.checkpoint.export`` makes one on demand instead)."""
+
+    def validate(self) -> "TrainConfig":
+        """Reject impossible schedules and limits of the loop; every message names the key."""
+        require_positive({"train.max_steps": self.max_steps, "train.log_every": self.log_every,
+                          "train.eval_every": self.eval_every, "train.ckpt_every": self.ckpt_every,
+                          "train.keep_checkpoints": self.keep_checkpoints,
+                          "train.max_nonfinite_in_row": self.max_nonfinite_in_row})
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.order_patience <= 0:
+            raise ConfigError(f"train.order_patience must be positive, got {self.order_patience}")
+        if self.order_spread_floor < 0:
+            raise ConfigError(f"train.order_spread_floor must be >= 0, got {self.order_spread_floor}")
+        return self
 
 
 @dataclass
@@ -175,6 +272,14 @@ class EvalConfig:
     """Evaluate and sample with EMA weights."""
     t_samples: int = 1
     """Time samples per validation row."""
+
+    def validate(self) -> "EvalConfig":
+        """Reject impossible evaluation settings; every message names the key."""
+        if self.t_samples <= 0:
+            raise ConfigError(f"eval.t_samples must be positive, got {self.t_samples}")
+        if self.max_batches < 0:
+            raise ConfigError(f"eval.max_batches must be >= 0, got {self.max_batches}")
+        return self
 
 
 @dataclass
@@ -194,6 +299,13 @@ class SampleConfig:
     every_eval: bool = True
     """Write samples to the run directory at each evaluation and at the end."""
 
+    def validate(self) -> "SampleConfig":
+        """Reject impossible sampler settings; every message names the key."""
+        require_positive({"sample.steps": self.steps, "sample.num": self.num})
+        if not 0.0 <= self.t_min < 1.0:
+            raise ConfigError(f"sample.t_min must be in [0, 1), got {self.t_min}")
+        return self
+
 
 @dataclass
 class Config:
@@ -209,80 +321,12 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def validate(self) -> "Config":
-        """Reject impossible values; every message names the key."""
-        d, m, t, data = self.diffusion, self.model, self.train, self.data
-        positive = {
-            "train.max_steps": t.max_steps, "train.log_every": t.log_every,
-            "train.eval_every": t.eval_every, "train.ckpt_every": t.ckpt_every,
-            "train.keep_checkpoints": t.keep_checkpoints, "train.max_nonfinite_in_row": t.max_nonfinite_in_row,
-            "model.n_layers": m.n_layers, "model.d_model": m.d_model, "model.n_heads": m.n_heads,
-            "model.cond_dim": m.cond_dim, "model.mlp_ratio": m.mlp_ratio,
-            "data.seq_len": data.seq_len, "data.batch_size": data.batch_size,
-            "data.eval_batch_size": data.eval_batch_size, "diffusion.block_size": d.block_size,
-            "sample.steps": self.sample.steps, "sample.num": self.sample.num,
-        }
-        for key, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"{key} must be positive, got {value}")
-        if m.d_model % m.n_heads:
-            raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
-        if (m.d_model // m.n_heads) % 2:
-            raise ConfigError("model.d_model / model.n_heads must be even (rotary embeddings rotate pairs)")
-        if not 0.0 <= m.dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-        if d.scheduler == "lomdm":
-            if d.c2 < 0:
-                raise ConfigError(f"diffusion.c2 must be >= 0, got {d.c2}")
-            if d.c1 <= d.c2:
-                raise ConfigError(
-                    f"diffusion.c1 ({d.c1}) must be greater than diffusion.c2 ({d.c2}): "
-                    "exponents c1 + c2 * NormSig lie in (c1 - c2, c1 + c2) and must stay positive")
-            if d.resolved_masks_per_row() != 2:
-                raise ConfigError("diffusion.masks_per_row must be 2 for the lomdm scheduler (RLOO with two masks)")
-        if d.scheduler == "poly" and d.c1 <= 0:
-            raise ConfigError(f"diffusion.c1 (the poly exponent) must be positive, got {d.c1}")
+        """Check every section (each its own keys, once), then what involves two sections; every
+        message names the key. Returns the config."""
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+        d, data = self.diffusion, self.data
         if d.scheduler == "block" and data.seq_len % d.block_size:
             raise ConfigError(
                 f"diffusion.block_size ({d.block_size}) must divide data.seq_len ({data.seq_len})")
-        if not 0.0 < d.window_eps < 1.0:
-            raise ConfigError(f"diffusion.window_eps must be in (0, 1), got {d.window_eps}")
-        if not 0.0 < d.t_eps < 1.0:
-            raise ConfigError(f"diffusion.t_eps must be in (0, 1), got {d.t_eps}")
-        from ..diffusion.time_sampling import check_time_sampling   # the rule lives beside the sampler
-        problem = check_time_sampling(d)
-        if problem:
-            raise ConfigError(problem)
-        if not 0.0 <= d.mdlm_eps < 1.0:
-            raise ConfigError(f"diffusion.mdlm_eps must be in [0, 1), got {d.mdlm_eps}")
-        if d.masks_per_row < 0:
-            raise ConfigError(f"diffusion.masks_per_row must be >= 0, got {d.masks_per_row}")
-        if data.seq_len < 3:
-            raise ConfigError("data.seq_len must be at least 3 (BOS, one token, EOS)")
-        o = self.optim
-        if o.lr <= 0:
-            raise ConfigError(f"optim.lr must be positive, got {o.lr}")
-        if o.scheduler_lr < 0:
-            raise ConfigError(f"optim.scheduler_lr must be >= 0, got {o.scheduler_lr}")
-        if o.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
-        if o.grad_clip < 0:
-            raise ConfigError(f"optim.grad_clip must be >= 0, got {o.grad_clip}")
-        if not all(0.0 <= b < 1.0 for b in o.betas):
-            raise ConfigError(f"optim.betas must lie in [0, 1), got {o.betas}")
-        if not 0.0 <= t.ema_decay < 1.0:
-            raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-        if not 0.0 <= self.sample.t_min < 1.0:
-            raise ConfigError(f"sample.t_min must be in [0, 1), got {self.sample.t_min}")
-        if t.order_patience <= 0:
-            raise ConfigError(f"train.order_patience must be positive, got {t.order_patience}")
-        if t.order_spread_floor < 0:
-            raise ConfigError(f"train.order_spread_floor must be >= 0, got {t.order_spread_floor}")
-        if self.eval.t_samples <= 0:
-            raise ConfigError(f"eval.t_samples must be positive, got {self.eval.t_samples}")
-        if self.eval.max_batches < 0:
-            raise ConfigError(f"eval.max_batches must be >= 0, got {self.eval.max_batches}")
-        if self.parallel.collective_timeout_s <= 0:
-            raise ConfigError(f"parallel.collective_timeout_s must be positive, got {self.parallel.collective_timeout_s}")
-        if data.source == "shards" and not data.path:
-            raise ConfigError("data.path must name a shard manifest when data.source is 'shards'")
         return self

@@ -4,12 +4,10 @@ Command-line flags of the launcher win over these values; the section exists so 
 such as ``configs/1b.yaml`` carries the allocation it was designed for (nodes, GPUs per node,
 time limit, requeue policy) next to the layout that needs it.
 
-The section checks itself when it is built (``__post_init__``), because the loader builds every
-section from YAML and overrides before ``Config.validate`` runs: a bad value fails at load time
-with a message that names the ``slurm.`` key, before anything is submitted.
-
-``ConfigError`` is imported inside the functions that raise it: ``schema`` imports this module to
-declare the ``slurm`` field, so a top-level import back into ``schema`` would be circular.
+``slurm.env`` is normalised when the section is built (``__post_init__``: names checked, numbers
+turned into strings); the other keys are checked by :meth:`SlurmConfig.validate`, which
+``Config.validate`` runs with every other section, so a bad value fails at load time with a
+message that names the ``slurm.`` key, before anything is submitted.
 """
 
 from __future__ import annotations
@@ -17,6 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from .errors import ConfigError
 
 DEFAULT_TASK_ENV: dict[str, str] = {
     # Tear a process down when a collective fails or times out (torch's current default, pinned
@@ -82,7 +82,6 @@ class SlurmConfig:
 
     def __post_init__(self) -> None:
         self.env = _normalise_env(self.env)
-        self.validate()
 
     @property
     def world_size(self) -> int:
@@ -91,7 +90,6 @@ class SlurmConfig:
 
     def validate(self) -> "SlurmConfig":
         """Reject impossible values; every message names the key."""
-        from .schema import ConfigError
         at_least = {"slurm.nodes": (self.nodes, 1), "slurm.gpus_per_node": (self.gpus_per_node, 1),
                     "slurm.time_min": (self.time_min, 1), "slurm.cpus_per_task": (self.cpus_per_task, 0),
                     "slurm.mem_gb": (self.mem_gb, 0), "slurm.signal_delay_s": (self.signal_delay_s, 1),
@@ -118,7 +116,6 @@ class SlurmConfig:
 
 def _normalise_env(env: Any) -> dict[str, str | None]:
     """``slurm.env`` as ``{name: str or None}``; numbers become strings, anything else is an error."""
-    from .schema import ConfigError
     if env is None:
         return {}
     if not isinstance(env, dict):

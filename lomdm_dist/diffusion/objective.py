@@ -17,24 +17,31 @@ The three passes: backbone on clean x without grad (features for phi), then one 
 the K masked copies (logits for theta, features for psi). Logits are computed only at masked
 positions: unmasked positions carry zero loss under SUBS, so their vocabulary projection is skipped.
 
-The step is written as the pieces a distributed step needs, and ``diffusion_loss`` chains them.
-Pipeline parallelism has to stop between the passes (the masks depend on the last stage's phi
-head, and each masked microbatch's loss is computed at the last stage), and tensor parallelism
-computes the per-token loss on vocabulary slices (``token_loss``); ``lomdm_dist.parallel`` calls
-the same pieces, so every layout runs one implementation of the formulas:
+``diffusion_loss`` is the only chain of the step; every layout runs it. What differs between
+layouts is where the features come from, which a :class:`Passes` object answers:
+:class:`PlainPasses` runs the whole model (one process, or tensor / sequence / data parallel), and
+``lomdm_dist.parallel.pipeline.PipelinePasses`` runs the passes as pipeline schedules (a
+forward-only pass over the clean rows with the exponents sent back to every stage, then 1F1B over
+the masked microbatches with the loss at the last stage). The chain:
 
-1. :func:`step_randomness`: t with its weight and the mask uniforms, pure functions of (seed, step,
-   global row);
-2. :func:`clean_features` and :func:`draw_exponents`: pass 1 and the exponents k_phi (lomdm);
-3. :func:`draw_masks` and :func:`masked_copies`: the K masked copies of each row, copy-major;
-4. :func:`masked_pass_loss`: from the backbone features of the masked copies, the per-row NELBO
-   terms and the RLOO surrogate (the phi head applied, with grad, to detached clean features);
-5. :func:`assemble_loss`: sums over row sets (microbatches) into one :class:`LossOutput`.
+1. :func:`step_randomness`: t with its weight and the mask uniforms, pure functions of the
+   :class:`StepSpec` (seed, step, global rows, streams);
+2. pass 1 (learned scheduler): ``Passes.clean_pass`` gives the exponents k_phi the masks are drawn
+   with, and later the phi head's output with grad for any microbatch's rows;
+3. :func:`draw_masks` and :func:`masked_copies`: the K masked copies of each row, copy-major per
+   microbatch;
+4. ``Passes.masked_pass`` hands the features of each microbatch's masked copies to
+   :func:`masked_pass_loss`: the per-row NELBO terms and the RLOO surrogate;
+5. :func:`assemble_loss`: one :class:`LossOutput` from the microbatches, statistics from
+   ``diagnostics.StepSums`` summed over data-parallel ranks; ``Passes.share`` gives it to every
+   rank that computed no loss itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import reduce
+from operator import add
 from typing import Callable, Protocol
 
 import torch
@@ -44,7 +51,8 @@ from kernels.velocity_loss import velocity_loss
 
 from ..config import DiffusionConfig
 from . import randomness
-from .schedulers import LoMDMScheduler, Scheduler
+from .diagnostics import ExponentSums, StepSums
+from .schedulers import Scheduler
 from .time_sampling import TimeDraw, build_time_sampler
 
 
@@ -60,8 +68,42 @@ class LossOutput:
     """Detached (B,) NELBO of each row (mean over its masks), float64, in nats per row."""
     tokens: torch.Tensor
     """Valid tokens of the local batch (float)."""
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Detached diagnostics: exponent statistics, masked fraction, mean t."""
+    stats: dict[str, torch.Tensor]
+    """Detached diagnostics (``diagnostics.StepSums.statistics``): exponent statistics, masked
+    fraction, mean t."""
+
+    def to(self, device: torch.device | str) -> LossOutput:
+        """Every tensor moved to ``device`` (to send a result between processes)."""
+        return LossOutput(loss=self.loss.to(device), nelbo=self.nelbo.to(device), l_main=self.l_main.to(device),
+                          l_velocity=self.l_velocity.to(device), row_nelbo=self.row_nelbo.to(device),
+                          tokens=self.tokens.to(device), stats={k: v.to(device) for k, v in self.stats.items()})
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """Which NELBO estimate a call computes. Its t and masks are pure functions of (seed, step,
+    stream, global row), so the same spec gives a row the same draws however the batch is split."""
+
+    seed: int
+    step: int
+    rows: Tensor
+    """Global index of each local row (B,)."""
+    global_batch: int
+    """Rows of the global batch: the stratified (antithetic) times are spread over all of them."""
+    num_masks: int | None = None
+    """Masked copies per row K; None: ``diffusion.masks_per_row`` resolved for the scheduler."""
+    normalizer: float | Tensor | None = None
+    """The loss and NELBO are divided by this; None: the local number of valid tokens. The
+    distributed step passes the global count, so summed gradients equal the one-process ones."""
+    time_stream: int = randomness.STREAM_TIME
+    mask_stream: int = randomness.STREAM_MASK
+
+    @classmethod
+    def evaluation(cls, *, seed: int, sample: int, rows: Tensor, global_batch: int) -> StepSpec:
+        """The validation draw number ``sample``: one mask per row from the evaluation streams, not
+        normalised (``row_nelbo`` and the sums are in nats)."""
+        return cls(seed=seed, step=sample, rows=rows, global_batch=global_batch, num_masks=1, normalizer=1.0,
+                   time_stream=randomness.STREAM_EVAL_TIME, mask_stream=randomness.STREAM_EVAL_MASK)
 
 
 class TokenLoss(Protocol):
@@ -80,13 +122,14 @@ def rloo_term(F: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return ((F - baseline) * log_q).mean(0)
 
 
-def step_randomness(*, seed: int, step: int, rows: Tensor, global_batch: int, seq_len: int, num_masks: int,
-                    cfg: DiffusionConfig, time_stream: int = randomness.STREAM_TIME,
-                    mask_stream: int = randomness.STREAM_MASK) -> tuple[TimeDraw, Tensor]:
-    """(times (B,) with their weights, uniforms (K, B, L) float64) for the global ``rows``."""
-    u = randomness.stratified_uniforms(seed, step, rows, global_batch, antithetic=cfg.antithetic, stream=time_stream)
+def step_randomness(spec: StepSpec, cfg: DiffusionConfig, *, seq_len: int, num_masks: int,
+                    device: torch.device | str) -> tuple[TimeDraw, Tensor]:
+    """(times (B,) with their weights, uniforms (K, B, L) float64) for the global rows of ``spec``."""
+    rows = spec.rows.to(device)
+    u = randomness.stratified_uniforms(spec.seed, spec.step, rows, spec.global_batch, antithetic=cfg.antithetic,
+                                       stream=spec.time_stream)
     times = build_time_sampler(cfg).draw(u)
-    uniforms = torch.stack([randomness.uniform(seed, step, mask_stream + r, rows, seq_len)
+    uniforms = torch.stack([randomness.uniform(spec.seed, spec.step, spec.mask_stream + r, rows, seq_len)
                             for r in range(num_masks)])
     return times, uniforms
 
@@ -119,25 +162,92 @@ def conditioning_sigma(backbone, t: Tensor) -> Tensor:
     return t if backbone.time_conditioning else torch.zeros_like(t)
 
 
-def clean_features(model, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """Pass 1: (h_clean without grad, c_clean) of the clean rows."""
-    backbone = model.backbone
-    c_clean = backbone.conditioning(x.shape[0], conditioning_sigma(backbone, torch.zeros_like(t)))
-    with torch.no_grad():
-        h_clean = backbone.features(x, c_clean)
-    return h_clean, c_clean
-
-
-def draw_exponents(scheduler: LoMDMScheduler, g_phi: Tensor, t: Tensor, valid: Tensor) -> Tensor:
+def draw_exponents(scheduler: Scheduler, g_phi: Tensor, t: Tensor, valid: Tensor) -> Tensor:
     """k_phi (B, L) without grad from the phi head's output: the exponents the masks are drawn with."""
     with torch.no_grad():
         return scheduler.exponents(g_phi.detach(), t, valid).k
 
 
-SATURATION_SLOPE = 1e-3
-"""A sigmoid counts as saturated where its slope sigma' is below this (|input| > 6.9): its
-position then barely moves its exponent, whatever the gradient."""
+# --- where the features come from -----------------------------------------------------------------
 
+@dataclass(frozen=True)
+class CleanPass:
+    """What pass 1 over the clean rows leaves for the rest of the step."""
+
+    k: Tensor
+    """(B, L) exponents k_phi the masks are drawn with, without grad, on every rank."""
+    phi: Callable[[slice], Tensor] | None
+    """Rows -> the phi head's output (rows, L) float32 *with* grad to the head (its input, the clean
+    features, is detached). Equal to what ``k`` was computed from, because the head has no dropout.
+    None where the heads do not live (pipeline stages other than the last)."""
+
+
+MicrobatchLoss = Callable[[int, Tensor, Tensor], Tensor]
+"""(microbatch index, features h (K*b, L, d), conditioning c (K*b, cond_dim)) -> the scalar to
+back-propagate for that microbatch; given by the objective to ``Passes.masked_pass``."""
+
+
+class Passes(Protocol):
+    """How a layout runs the model passes of one step. ``diffusion_loss`` owns every formula and asks
+    this object only for features, microbatch by microbatch; implementations:
+    :class:`PlainPasses` and ``lomdm_dist.parallel.pipeline.PipelinePasses``."""
+
+    token_loss: TokenLoss
+    """Per-token loss from this layout's logits (full or vocab-parallel)."""
+    reduce_sums: Callable[[Tensor], Tensor] | None
+    """Sums the statistics' numerators and counts over data-parallel ranks (None: one process)."""
+    backpropagates: bool
+    """True when ``masked_pass`` back-propagates each microbatch's loss itself (a pipeline schedule):
+    the returned loss is then detached."""
+
+    def microbatches(self, rows: int) -> list[slice]:
+        """The local rows (B of them), split as ``masked_pass`` will visit them."""
+
+    def clean_pass(self, x: Tensor, sigma: Tensor, to_exponents: Callable[[Tensor], Tensor]) -> CleanPass:
+        """Pass 1 over the clean rows ``x`` (B, L) with conditioning input ``sigma`` (B,): the backbone
+        without grad, then the phi head; ``to_exponents`` maps its output (B, L) to the exponents."""
+
+    def masked_pass(self, z: Tensor, sigma: Tensor, loss: MicrobatchLoss) -> None:
+        """Features of the masked copies ``z`` (K*B, L, copy-major within each microbatch) with
+        ``sigma`` (K*B,); calls ``loss`` once per microbatch where the output layer lives."""
+
+    def share(self, out: LossOutput | None) -> LossOutput:
+        """The step's result on every rank, from the ranks that computed it (``out`` None elsewhere)."""
+
+
+class PlainPasses:
+    """The passes on a model that holds every layer: one batch, one microbatch. Also the tensor /
+    sequence / data parallel layouts, which change only the per-token loss and the sums."""
+
+    backpropagates = False
+
+    def __init__(self, model, *, token_loss: TokenLoss = velocity_loss,
+                 reduce_sums: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.model = model
+        self.token_loss = token_loss
+        self.reduce_sums = reduce_sums
+
+    def microbatches(self, rows: int) -> list[slice]:
+        return [slice(0, rows)]
+
+    def clean_pass(self, x: Tensor, sigma: Tensor, to_exponents: Callable[[Tensor], Tensor]) -> CleanPass:
+        backbone = self.model.backbone
+        c_clean = backbone.conditioning(x.shape[0], sigma)
+        with torch.no_grad():             # no gradient to the backbone from the forward scheduler
+            h_clean = backbone.features(x, c_clean)
+        g_phi = self.model.phi(h_clean, c_clean).float()      # once, with grad; k from it detached
+        return CleanPass(k=to_exponents(g_phi), phi=lambda rows: g_phi[rows])
+
+    def masked_pass(self, z: Tensor, sigma: Tensor, loss: MicrobatchLoss) -> None:
+        backbone = self.model.backbone
+        c = backbone.conditioning(z.shape[0], sigma)
+        loss(0, backbone.features(z, c), c)
+
+    def share(self, out: LossOutput | None) -> LossOutput:
+        return out
+
+
+# --- the loss of a set of rows and its assembly -----------------------------------------------------
 
 @dataclass
 class PassLoss:
@@ -149,31 +259,12 @@ class PassLoss:
     """(K, B) detached sums of l_main per masked copy."""
     F_vel: Tensor
     """(K, B) detached sums of l_velocity per masked copy."""
-    sums: dict[str, Tensor] = field(default_factory=dict)
+    sums: StepSums
     """Detached sums and counts the step statistics are made of (added across microbatches)."""
 
 
-def _f64(value: float, device) -> Tensor:
-    return torch.tensor(float(value), dtype=torch.float64, device=device)
-
-
-def _order_sums(prefix: str, k: Tensor, saturated: Tensor | None = None) -> dict[str, Tensor]:
-    """Sum, square sum and count of exponents (and the count of saturated sigmoids) for statistics."""
-    k = k.detach().double()
-    sums = {f"{prefix}_sum": k.sum(), f"{prefix}_sqsum": (k ** 2).sum(), f"{prefix}_count": _f64(k.numel(), k.device)}
-    if saturated is not None:
-        sums[f"{prefix}_saturated"] = saturated.double().sum()
-    return sums
-
-
-def _saturated(sig_input: Tensor) -> Tensor:
-    sig = torch.sigmoid(sig_input.detach().float())
-    return sig * (1.0 - sig) < SATURATION_SLOPE
-
-
 def masked_pass_loss(model, scheduler: Scheduler, *, h: Tensor, c: Tensor, x: Tensor, valid: Tensor,
-                     masks: Tensor, times: TimeDraw, cfg: DiffusionConfig, g_phi: Tensor | None = None,
-                     h_clean: Tensor | None = None, c_clean: Tensor | None = None,
+                     masks: Tensor, times: TimeDraw, g_phi: Tensor | None = None,
                      token_loss: TokenLoss = velocity_loss) -> PassLoss:
     """NELBO terms and RLOO surrogate of rows ``x`` (B, L) from the features ``h`` (K*B, L, d) of
     their masked copies (conditioning ``c`` (K*B, cond_dim)).
@@ -182,26 +273,20 @@ def masked_pass_loss(model, scheduler: Scheduler, *, h: Tensor, c: Tensor, x: Te
     t) and each row's sum is multiplied by ``times.row_weight`` = w(t) / t (see
     ``lomdm_dist.diffusion.time_sampling``); only masked, non-padding positions are scored.
 
-    For the learned scheduler ``g_phi`` (B, L) is the phi head's output with grad; when it is not
-    given, the head is applied here to the stored clean features ``h_clean`` (B, L, d) (detached
-    inside the head) and ``c_clean``. Its exponents equal the ones the masks were drawn with
-    because the head has no dropout.
+    For the learned scheduler ``g_phi`` (B, L) is the phi head's output with grad on the clean rows:
+    its exponents equal the ones the masks were drawn with, and it gets the RLOO gradient.
     """
     backbone = model.backbone
     K, B, L = masks.shape
-    sums: dict[str, Tensor] = {}
-    log_q = None
+    log_q = k_phi_sums = k_hat_sums = g_phi_total = None
     if scheduler.learned:
         if g_phi is None:
-            if h_clean is None or c_clean is None:
-                raise ValueError("masked_pass_loss: the lomdm scheduler needs g_phi or the clean features "
-                                 "h_clean and c_clean")
-            g_phi = model.phi(h_clean, c_clean).float()
+            raise ValueError("masked_pass_loss: the lomdm scheduler needs the phi head's output g_phi")
         sched = scheduler.exponents(g_phi, times.t, valid, masks=masks)
         scaled_velocity, log_q = sched.k, sched.log_q
         g_in = scheduler.normsig_input(g_phi.detach(), valid)
-        sums.update(_order_sums("k_phi", sched.k[valid], _saturated(g_in[valid])))
-        sums.update(g_phi_sum=g_phi.detach()[valid].double().sum())
+        k_phi_sums = ExponentSums.of(sched.k[valid], g_in[valid])
+        g_phi_total = g_phi.detach()[valid].double().sum()
     else:
         schedule = scheduler.schedule(times.t, L)
         scaled_velocity = (schedule.velocity * times.t[:, None]).to(torch.float32)
@@ -218,8 +303,7 @@ def masked_pass_loss(model, scheduler: Scheduler, *, h: Tensor, c: Tensor, x: Te
         k_hat = scheduler.exponents(g_psi, times.t.repeat(K), every).k
         v_hat = k_hat[loss_positions]
         valid_rep = valid.repeat(K, 1)
-        sums.update(_order_sums("k_hat", k_hat[valid_rep],
-                                _saturated(scheduler.normsig_input(g_psi.detach(), every)[valid_rep])))
+        k_hat_sums = ExponentSums.of(k_hat[valid_rep], scheduler.normsig_input(g_psi.detach(), every)[valid_rep])
     else:
         v_hat = v
     l_main, l_vel = token_loss(logits, targets, v.float(), v_hat.float(), mask_token_id=model.mask_token_id)
@@ -232,95 +316,83 @@ def masked_pass_loss(model, scheduler: Scheduler, *, h: Tensor, c: Tensor, x: Te
     surrogate = F.mean(0)
     if log_q is not None and K > 1:
         surrogate = surrogate + rloo_term(F, log_q)
-    sums.update(masked=(masks & valid).sum().double(), valid_copies=(valid.sum() * K).double(),
-                t_sum=times.t.sum().double(), rows=_f64(B, x.device))
+    sums = StepSums(masked=(masks & valid).sum().double(), valid_copies=(valid.sum() * K).double(),
+                    t_total=times.t.sum().double(), rows=torch.tensor(float(B), dtype=torch.float64, device=x.device),
+                    k_phi=k_phi_sums, k_hat=k_hat_sums, g_phi_total=g_phi_total)
     return PassLoss(surrogate=surrogate, F_main=F_main.detach(), F_vel=F_vel.detach(), sums=sums)
 
 
-def _statistics(sums: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Step statistics from the sums over all row sets: mean and (unbiased) std over valid positions
-    of k_phi and k_hat (the spread is what says whether an order is learned), the share of their
-    saturated sigmoids, the mean of g_phi, masked fraction, mean t."""
-    stats: dict[str, Tensor] = {}
-    for prefix in ("k_phi", "k_hat"):
-        if f"{prefix}_sum" not in sums:
-            continue
-        n = sums[f"{prefix}_count"]
-        mean = sums[f"{prefix}_sum"] / n.clamp(min=1)
-        var = (sums[f"{prefix}_sqsum"] - n * mean ** 2) / (n - 1).clamp(min=1)
-        stats[f"{prefix}_mean"] = mean.float()
-        stats[f"{prefix}_std"] = var.clamp(min=0).sqrt().float()
-        stats[f"{prefix}_saturated"] = (sums[f"{prefix}_saturated"] / n.clamp(min=1)).float()
-    if "g_phi_sum" in sums:
-        stats["g_phi_mean"] = (sums["g_phi_sum"] / sums["k_phi_count"].clamp(min=1)).float()
-    stats["masked_fraction"] = (sums["masked"] / sums["valid_copies"].clamp(min=1)).float()
-    stats["t_mean"] = (sums["t_sum"] / sums["rows"]).float()
-    return stats
-
-
-def assemble_loss(parts: list[PassLoss], *, normalizer: Tensor | float, tokens: Tensor,
-                  loss: Tensor | None = None, reduce_sums: Callable[[Tensor], Tensor] | None = None) -> LossOutput:
+def assemble_loss(parts: list[PassLoss], *, normalizer: Tensor | float, tokens: Tensor, detached: bool = False,
+                  reduce_sums: Callable[[Tensor], Tensor] | None = None) -> LossOutput:
     """One ``LossOutput`` from the loss terms of consecutive row sets (microbatches, in row order).
 
-    ``loss`` overrides the differentiable sum (a pipeline schedule has already back-propagated the
-    per-microbatch losses; it passes their detached sum). ``reduce_sums`` sums the statistics'
-    numerators and counts over data-parallel ranks, so ``stats`` describe the global batch.
+    ``detached``: the per-microbatch losses were already back-propagated (a pipeline schedule), so
+    the loss is their detached sum. ``reduce_sums`` sums the statistics' numerators and counts over
+    data-parallel ranks, so ``stats`` describe the global batch.
     """
     F_main = torch.cat([p.F_main for p in parts], dim=1)
     F_vel = torch.cat([p.F_vel for p in parts], dim=1)
     F = F_main + F_vel
-    if loss is None:
-        loss = sum(p.surrogate.sum() for p in parts) / normalizer
-    sums: dict[str, Tensor] = {}
-    for p in parts:
-        for key, value in p.sums.items():
-            sums[key] = sums[key] + value if key in sums else value
+    loss = sum((p.surrogate.detach() if detached else p.surrogate).sum() for p in parts) / normalizer
+    sums = reduce(add, [p.sums for p in parts])
     if reduce_sums is not None:
-        keys = sorted(sums)
-        reduced = reduce_sums(torch.stack([sums[k].double().reshape(()) for k in keys]))
-        sums = {k: reduced[i] for i, k in enumerate(keys)}
+        sums = sums.reduced(reduce_sums)
     return LossOutput(loss=loss, nelbo=F.mean(0).sum() / normalizer, l_main=F_main.mean(0).sum() / normalizer,
                       l_velocity=F_vel.mean(0).sum() / normalizer, row_nelbo=F.double().mean(0), tokens=tokens,
-                      stats=_statistics(sums))
+                      stats=sums.statistics())
 
 
-def diffusion_loss(model, scheduler: Scheduler, x: torch.Tensor, *, cfg: DiffusionConfig, seed: int, step: int,
-                   rows: torch.Tensor, global_batch: int, valid: torch.Tensor | None = None,
-                   num_masks: int | None = None, normalizer: float | torch.Tensor | None = None,
-                   time_stream: int = randomness.STREAM_TIME, mask_stream: int = randomness.STREAM_MASK,
-                   token_loss: TokenLoss = velocity_loss,
-                   reduce_sums: Callable[[Tensor], Tensor] | None = None) -> LossOutput:
-    """One NELBO estimate for the rows ``x`` (B, L) of the global batch at ``step``.
+# --- the step ---------------------------------------------------------------------------------------
 
-    ``rows`` holds the global index of each local row: t and the masks are functions of
-    (seed, step, row), so the result for a row does not depend on how the batch is split.
-    ``normalizer`` defaults to the local number of valid tokens; the distributed trainer passes the
-    global count so that summed gradients equal the single-process ones. ``token_loss`` and
-    ``reduce_sums`` are the tensor- and data-parallel hooks (see the module docstring).
+def _joined(tensors: list[Tensor]) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def diffusion_loss(model, scheduler: Scheduler, x: torch.Tensor, spec: StepSpec, *, cfg: DiffusionConfig,
+                   valid: torch.Tensor | None = None, passes: Passes | None = None) -> LossOutput:
+    """One NELBO estimate for the rows ``x`` (B, L) of the global batch, drawn as ``spec`` says.
+
+    ``passes`` runs the model passes for a layout (default: :class:`PlainPasses` on ``model``, the
+    full-vocabulary loss, no data-parallel sums). ``model`` is the module whose output layer and
+    heads the loss applies (under pipeline parallelism: this rank's stages of it).
     """
+    passes = PlainPasses(model) if passes is None else passes
     backbone = model.backbone
     B, L = x.shape
     if valid is None:
         valid = torch.ones_like(x, dtype=torch.bool)
-    K = num_masks or cfg.resolved_masks_per_row()
+    K = spec.num_masks or cfg.resolved_masks_per_row()
     tokens = valid.sum().to(torch.float32)
-    if normalizer is None:
-        normalizer = tokens.clamp(min=1.0)
-    times, uniforms = step_randomness(seed=seed, step=step, rows=rows.to(x.device), global_batch=global_batch,
-                                      seq_len=L, num_masks=K, cfg=cfg, time_stream=time_stream,
-                                      mask_stream=mask_stream)
+    normalizer = tokens.clamp(min=1.0) if spec.normalizer is None else spec.normalizer
+    times, uniforms = step_randomness(spec, cfg, seq_len=L, num_masks=K, device=x.device)
     t = times.t.to(torch.float32)
-    g_phi = k_draw = None
+    clean = None
     if scheduler.learned:
-        # Pass 1: clean features for the forward scheduler (no gradient to the backbone).
-        h_clean, c_clean = clean_features(model, x, t)
-        g_phi = model.phi(h_clean, c_clean).float()
-        k_draw = draw_exponents(scheduler, g_phi, times.t, valid)
-    masks = draw_masks(scheduler, times, uniforms, k_draw)
-    # Passes 2..K+1: the K masked copies in one batch.
-    z = masked_copies(x, masks, model.mask_token_id)
-    c = backbone.conditioning(K * B, conditioning_sigma(backbone, t.repeat(K)))
-    h = backbone.features(z, c)
-    part = masked_pass_loss(model, scheduler, h=h, c=c, x=x, valid=valid, masks=masks, times=times, cfg=cfg,
-                            g_phi=g_phi, token_loss=token_loss)
-    return assemble_loss([part], normalizer=normalizer, tokens=tokens, reduce_sums=reduce_sums)
+        # Pass 1: the forward scheduler's exponents from the clean rows (no gradient to the backbone).
+        clean = passes.clean_pass(x, conditioning_sigma(backbone, torch.zeros_like(t)),
+                                  lambda g_phi: draw_exponents(scheduler, g_phi, times.t, valid))
+    masks = draw_masks(scheduler, times, uniforms, None if clean is None else clean.k)
+
+    # Passes 2..K+1: the K masked copies of each microbatch's rows in one batch.
+    chunks = passes.microbatches(B)
+    z = _joined([masked_copies(x[s], masks[:, s], model.mask_token_id) for s in chunks])
+    sigma = _joined([conditioning_sigma(backbone, t[s].repeat(K)) for s in chunks])
+    parts: list[PassLoss | None] = [None] * len(chunks)
+
+    def microbatch_loss(index: int, h: Tensor, c: Tensor) -> Tensor:
+        rows = chunks[index]
+        part = masked_pass_loss(model, scheduler, h=h, c=c, x=x[rows], valid=valid[rows], masks=masks[:, rows],
+                                times=times[rows], g_phi=None if clean is None else clean.phi(rows),
+                                token_loss=passes.token_loss)
+        parts[index] = part
+        return part.surrogate.sum() / normalizer
+
+    passes.masked_pass(z, sigma, microbatch_loss)
+    done = sum(p is not None for p in parts)
+    if done and done < len(parts):
+        raise RuntimeError(f"diffusion_loss: the masked pass visited {done} of {len(parts)} microbatches")
+    out = None
+    if done:
+        out = assemble_loss(parts, normalizer=normalizer, tokens=tokens, detached=passes.backpropagates,
+                            reduce_sums=passes.reduce_sums)
+    return passes.share(out)

@@ -25,6 +25,14 @@ Why the work is organised as it is:
 * **float64 categorical.** Float32 Gumbel-max truncates the tail of the distribution and lowers
   sample entropy (Zheng et al. 2024); probabilities are formed in float64 and drawn with
   ``torch.multinomial``.
+* **Given positions.** ``given`` clamps tokens at chosen positions (a prefix, or the text around the
+  spans of an infilling template): the walk starts from that partly clean state, so given tokens are
+  copied like any clean token, never drawn and never counted as unmasked by a step (their order is
+  ``GIVEN_ORDER``). The psi head still sees the whole row, given tokens included, and NormSig still
+  averages over all positions, as for every clean position during ordinary sampling.
+* **Nucleus sampling.** ``top_p < 1`` draws from the smallest set of most probable tokens whose mass
+  reaches ``top_p`` (Holtzman et al. 2020), renormalised, in the same float64 probabilities;
+  ``top_p = 1`` leaves the categorical, and the random stream, exactly as without it.
 """
 
 from __future__ import annotations
@@ -44,12 +52,19 @@ class SampleResult:
     """(N, L) int64 sampled ids; the mask id only where a position was never filled (final_argmax off)."""
     order: Tensor
     """(N, L) int64 step (0..steps-1) at which each position was unmasked; ``steps`` for positions
-    not unmasked by any step (filled by the final argmax, or left masked without it)."""
+    not unmasked by any step (filled by the final argmax, or left masked without it); ``GIVEN_ORDER``
+    (-1) for given (clamped) positions."""
     model_calls: int
     """Backbone evaluations actually made, summed over batches (caching skips calls)."""
     argmax_filled: int = 0
     """Positions still masked after the last step and filled by the final argmax (0 when the grid
     ends at t = 0)."""
+    given: Tensor | None = None
+    """(N, L) bool, True at given (clamped) positions; None when nothing was given."""
+
+
+GIVEN_ORDER = -1
+"""``SampleResult.order`` of a given position: before every step, and never a step's unmasking."""
 
 
 def time_grid(steps: int, t_min: float, device: torch.device | str | None = None) -> Tensor:
@@ -64,11 +79,31 @@ def subs_log_probs(logits: Tensor, mask_token_id: int) -> Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def draw_categorical(logits: Tensor, mask_token_id: int, generator: torch.Generator | None) -> Tensor:
-    """One token per row of ``logits`` (N, V) from the SUBS categorical, sampled in float64."""
+def nucleus(probs: Tensor, top_p: float) -> Tensor:
+    """``probs`` (N, V) restricted to each row's nucleus and renormalised: the most probable tokens,
+    in decreasing order, up to and including the first at which their cumulative mass reaches
+    ``top_p`` (the smallest such set; ties keep the lower id first).
+
+    Written here rather than taken from ``transformers``' top-p warper: the sampler does not depend on
+    transformers, and the filter must act on the float64 probabilities, not on float32 logits.
+    """
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    keep_sorted = mass_before < top_p * sorted_probs.sum(dim=-1, keepdim=True)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    kept = torch.where(keep, probs, torch.zeros_like(probs))
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def draw_categorical(logits: Tensor, mask_token_id: int, generator: torch.Generator | None,
+                     top_p: float = 1.0) -> Tensor:
+    """One token per row of ``logits`` (N, V) from the SUBS categorical (its nucleus for ``top_p`` < 1),
+    sampled in float64."""
     if logits.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=logits.device)
-    probs = subs_log_probs(logits, mask_token_id).exp()
+    probs = nucleus(subs_log_probs(logits, mask_token_id).exp(), top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -125,7 +160,7 @@ class _Denoiser:
 
 
 def _check_arguments(model, scheduler: Scheduler, num: int, seq_len: int, steps: int, t_min: float,
-                     batch_size: int | None, reverse_c2_zero: bool) -> None:
+                     batch_size: int | None, reverse_c2_zero: bool, top_p: float) -> None:
     for name, value in (("num", num), ("seq_len", seq_len), ("steps", steps)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"sample: {name} must be a positive integer, got {value!r}")
@@ -133,11 +168,31 @@ def _check_arguments(model, scheduler: Scheduler, num: int, seq_len: int, steps:
         raise ValueError(f"sample: batch_size must be a positive integer or None, got {batch_size!r}")
     if not 0.0 <= t_min < 1.0:
         raise ValueError(f"sample: t_min must be in [0, 1), got {t_min}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"sample: top_p must be in (0, 1], got {top_p}")
     if scheduler.learned and getattr(model, "psi", None) is None and not reverse_c2_zero:
         raise ValueError(f"sample: the {scheduler.name} scheduler needs the model's psi head, which is absent")
     if reverse_c2_zero and not scheduler.learned:
         raise ValueError(f"sample: reverse_c2_zero applies only to the learned (lomdm) scheduler, "
                          f"not to {scheduler.name!r}")
+
+
+def _given_rows(given, num: int, seq_len: int, mask_id: int, device: torch.device) -> Tensor | None:
+    """``given`` (L,) or (num, L) as (num, L) int64 on ``device``, checked: ids in [0, mask_id], the mask
+    id marking the positions to generate."""
+    if given is None:
+        return None
+    given = torch.as_tensor(given)
+    if given.dtype.is_floating_point or given.dtype == torch.bool:
+        raise ValueError(f"sample: given must hold integer token ids, got dtype {given.dtype}")
+    if given.dim() == 1:
+        given = given.expand(num, -1)
+    if given.shape != (num, seq_len):
+        raise ValueError(f"sample: given must have shape ({seq_len},) or ({num}, {seq_len}), got {tuple(given.shape)}")
+    if bool(((given < 0) | (given > mask_id)).any()):
+        raise ValueError(f"sample: given ids must lie in [0, {mask_id}] (the mask id {mask_id} marks positions "
+                         f"to generate), got values from {int(given.min())} to {int(given.max())}")
+    return given.to(device=device, dtype=torch.long).clone()
 
 
 def _model_device(model) -> torch.device:
@@ -148,10 +203,12 @@ def _model_device(model) -> torch.device:
 
 def _sample_batch(denoiser: _Denoiser, scheduler: Scheduler, grid: Tensor, batch: int, seq_len: int,
                   mask_id: int, final_argmax: bool, generator: torch.Generator, device: torch.device,
-                  progress_bar) -> tuple[Tensor, Tensor, int]:
+                  progress_bar, given: Tensor | None = None, top_p: float = 1.0) -> tuple[Tensor, Tensor, int]:
+    """One batch of the reverse walk from ``given`` (B, L) (the all-mask state when None)."""
     steps = grid.numel() - 1
-    z = torch.full((batch, seq_len), mask_id, dtype=torch.long, device=device)
+    z = given.clone() if given is not None else torch.full((batch, seq_len), mask_id, dtype=torch.long, device=device)
     order = torch.full((batch, seq_len), steps, dtype=torch.long, device=device)
+    order[z != mask_id] = GIVEN_ORDER
     for j in range(steps):
         masked = z == mask_id
         if not bool(masked.any()):
@@ -166,7 +223,7 @@ def _sample_batch(denoiser: _Denoiser, scheduler: Scheduler, grid: Tensor, batch
         u = torch.rand((batch, seq_len), generator=generator, dtype=torch.float64, device=device)
         unmask = masked & (u < p_unmask)
         if bool(unmask.any()):
-            z[unmask] = draw_categorical(denoiser.logits_at(unmask), mask_id, generator)
+            z[unmask] = draw_categorical(denoiser.logits_at(unmask), mask_id, generator, top_p)
             order[unmask] = j
             denoiser.invalidate()
         if progress_bar is not None:
@@ -183,8 +240,13 @@ def _sample_batch(denoiser: _Denoiser, scheduler: Scheduler, grid: Tensor, batch
 @torch.no_grad()
 def sample(model, scheduler: Scheduler, *, num: int, seq_len: int, steps: int, diffusion_cfg: DiffusionConfig,
            t_min: float = 0.0, final_argmax: bool = True, reverse_c2_zero: bool = False,
-           seed: int = 0, batch_size: int | None = None, device=None, progress: bool = False) -> SampleResult:
+           seed: int = 0, batch_size: int | None = None, device=None, progress: bool = False,
+           given: Tensor | None = None, top_p: float = 1.0) -> SampleResult:
     """Draw ``num`` sequences of length ``seq_len`` with ``steps`` reverse steps (see module docstring).
+
+    ``given`` (L,) or (num, L) int64 clamps tokens: the mask id where a position is to be generated,
+    a token id where it is given (a prefix, or an infilling template); given tokens are returned
+    unchanged, with order ``GIVEN_ORDER``. ``top_p`` < 1 samples from the nucleus of each categorical.
 
     ``model`` exposes ``backbone`` (``conditioning`` / ``features`` / ``output_logits``,
     ``time_conditioning``), ``psi`` (learned scheduler only) and ``mask_token_id``. Randomness comes
@@ -193,9 +255,10 @@ def sample(model, scheduler: Scheduler, *, num: int, seq_len: int, steps: int, d
     in eval mode (no dropout) and its previous mode is restored afterwards. With time conditioning
     the network is called at every step with sigma = t, and the final argmax uses sigma = t_min.
     """
-    _check_arguments(model, scheduler, num, seq_len, steps, t_min, batch_size, reverse_c2_zero)
+    _check_arguments(model, scheduler, num, seq_len, steps, t_min, batch_size, reverse_c2_zero, top_p)
     device = torch.device(device) if device is not None else _model_device(model)
     mask_id = int(model.mask_token_id)
+    given = _given_rows(given, num, seq_len, mask_id, device)
     grid = time_grid(steps, t_min, device)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
@@ -213,8 +276,9 @@ def sample(model, scheduler: Scheduler, *, num: int, seq_len: int, steps: int, d
         for start in range(0, num, batch_size):
             batch = min(batch_size, num - start)
             denoiser = _Denoiser(model, scheduler, diffusion_cfg, reverse_c2_zero)
-            z, order, batch_filled = _sample_batch(denoiser, scheduler, grid, batch, seq_len, mask_id,
-                                                   final_argmax, generator, device, progress_bar)
+            z, order, batch_filled = _sample_batch(
+                denoiser, scheduler, grid, batch, seq_len, mask_id, final_argmax, generator, device, progress_bar,
+                given=given[start:start + batch] if given is not None else None, top_p=top_p)
             filled += batch_filled
             tokens.append(z)
             orders.append(order)
@@ -223,4 +287,5 @@ def sample(model, scheduler: Scheduler, *, num: int, seq_len: int, steps: int, d
         model.train(was_training)
         if progress_bar is not None:
             progress_bar.close()
-    return SampleResult(tokens=torch.cat(tokens), order=torch.cat(orders), model_calls=calls, argmax_filled=filled)
+    return SampleResult(tokens=torch.cat(tokens), order=torch.cat(orders), model_calls=calls, argmax_filled=filled,
+                        given=given != mask_id if given is not None else None)

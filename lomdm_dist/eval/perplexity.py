@@ -25,8 +25,7 @@ from tqdm import tqdm
 from data_pipeline.reader import valid_mask
 
 from ..config import DiffusionConfig
-from ..diffusion import randomness
-from ..diffusion.objective import diffusion_loss
+from ..diffusion.objective import StepSpec, diffusion_loss
 from ..diffusion.schedulers import Scheduler
 
 
@@ -52,6 +51,18 @@ def _padded(x: torch.Tensor, valid: torch.Tensor, multiple: int) -> tuple[torch.
         return x, valid
     return (torch.cat([x, x.new_zeros(extra, x.shape[1])]),
             torch.cat([valid, valid.new_zeros(extra, valid.shape[1])]))
+
+
+def nelbo_draw(loss_fn: Callable, model, scheduler: Scheduler, x: torch.Tensor, *, cfg: DiffusionConfig, seed: int,
+               sample_index: int, rows: torch.Tensor, global_batch: int, valid: torch.Tensor):
+    """Time sample ``sample_index`` of every row of ``x``: the only place the evaluation calls the loss.
+
+    ``StepSpec.evaluation``: one mask per time (no RLOO baseline is needed without gradients), sums
+    per row (no normalisation), the eval streams of the counter-based RNG, and the sample index as
+    the step, so the K samples of a row are independent and each is stratified over the batch.
+    """
+    spec = StepSpec.evaluation(seed=seed, sample=sample_index, rows=rows, global_batch=global_batch)
+    return loss_fn(model, scheduler, x, spec, cfg=cfg, valid=valid)
 
 
 @torch.no_grad()
@@ -84,9 +95,8 @@ def validation_nelbo(model, scheduler: Scheduler, batches: Iterable[torch.Tensor
             row_nelbo = torch.zeros(x.shape[0], dtype=torch.float64, device=device)
             for sample_index in range(t_samples):
                 with autocast:
-                    out = loss_fn(model, scheduler, x, cfg=cfg, seed=seed, step=sample_index, rows=rows + first,
-                                  global_batch=size, valid=valid, num_masks=1, normalizer=1.0,
-                                  time_stream=randomness.STREAM_EVAL_TIME, mask_stream=randomness.STREAM_EVAL_MASK)
+                    out = nelbo_draw(loss_fn, model, scheduler, x, cfg=cfg, seed=seed, sample_index=sample_index,
+                                     rows=rows + first, global_batch=size, valid=valid)
                 row_nelbo += out.row_nelbo.to(device) / t_samples
                 totals[1] += out.l_main.double() / t_samples
                 totals[2] += out.l_velocity.double() / t_samples

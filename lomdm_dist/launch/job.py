@@ -166,7 +166,7 @@ class TrainingJob(Checkpointable):
 
     def latest_step(self) -> int | None:
         """Step of the newest complete checkpoint in ``run_dir`` (None when there is none)."""
-        from ..train.checkpoint import complete_checkpoints
+        from ..checkpoint.protocol import complete_checkpoints
 
         found = complete_checkpoints(self.run_dir)
         return found[-1][0] if found else None

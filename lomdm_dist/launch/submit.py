@@ -239,7 +239,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     """The config file, overrides, then the command-line flags in the ``slurm`` section."""
     cfg = load_config(args.config, args.overrides)
     flags = {key: getattr(args, flag) for flag, key in _FLAG_TO_KEY.items() if getattr(args, flag) is not None}
-    cfg.slurm = dataclasses.replace(cfg.slurm, **flags)  # re-validates the section
+    cfg.slurm = dataclasses.replace(cfg.slurm, **flags).validate()
     return cfg
 
 

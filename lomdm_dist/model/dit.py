@@ -10,8 +10,6 @@ pipeline parallelism splits), ``sigma_map`` and ``final`` are part of the contra
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,7 +18,12 @@ from .layers import DiTBlock, FinalLayer, NoiseLevelEmbedding
 
 
 class DiT(nn.Module):
-    """Bidirectional diffusion transformer with rotary attention and adaLN-Zero conditioning."""
+    """Bidirectional diffusion transformer with rotary attention and adaLN-Zero conditioning.
+
+    Initial values come from ``model/init.py`` (embedding: MDLM's ``kaiming_uniform_(a=sqrt(5))``,
+    uniform in +-1/sqrt(d_model); Linears: PyTorch's default bounds; adaLN modulations and the
+    output projection: zero), which ``build_model`` applies.
+    """
 
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, cond_dim: int,
                  mlp_ratio: int = 4, dropout: float = 0.1, time_conditioning: bool = False,
@@ -35,21 +38,6 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(
             DiTBlock(d_model, n_heads, cond_dim, mlp_ratio, dropout, rope_base) for _ in range(n_layers))
         self.final = FinalLayer(d_model, cond_dim, vocab_size)
-        self.init_weights()
-
-    def init_weights(self) -> None:
-        """(Re-)initialise every parameter, e.g. after ``to_empty`` on a meta-device model.
-
-        Embedding: MDLM's ``kaiming_uniform_(a=sqrt(5))`` (uniform in +-1/sqrt(d_model)); Linears:
-        PyTorch defaults; adaLN modulations and the output projection: zero.
-        """
-        nn.init.kaiming_uniform_(self.embed.weight, a=math.sqrt(5))
-        for layer in self.sigma_map.mlp:
-            if isinstance(layer, nn.Linear):
-                layer.reset_parameters()
-        for block in self.blocks:
-            block.init_weights()
-        self.final.init_weights()
 
     def conditioning(self, batch_size: int, sigma: Tensor | None = None) -> Tensor:
         """adaLN conditioning vector ``SiLU(sigma_map(sigma))`` of shape (batch_size, cond_dim).

@@ -20,7 +20,12 @@ from .layers import DiTBlock, FP32LayerNorm
 
 
 class SchedulerHead(nn.Module):
-    """``g = out(GELU(proj(norm(block(h.detach(), c.detach())))))`` of shape (B, L), fp32."""
+    """``g = out(GELU(proj(norm(block(h.detach(), c.detach())))))`` of shape (B, L), fp32.
+
+    The block starts as the identity (as in the backbone), ``out`` at zero (see ``model/init.py``).
+    """
+
+    zero_init = ("out",)
 
     def __init__(self, d_model: int, n_heads: int, cond_dim: int, mlp_ratio: int, rope_base: float,
                  hidden: int) -> None:
@@ -30,14 +35,6 @@ class SchedulerHead(nn.Module):
         self.proj = nn.Linear(d_model, hidden)
         self.act = nn.GELU(approximate="tanh")
         self.out = nn.Linear(hidden, 1, bias=False)
-        self.init_weights()
-
-    def init_weights(self) -> None:
-        """Block as in the backbone (identity at start), default read-out, zero last Linear."""
-        self.block.init_weights()
-        self.norm.reset_parameters()
-        self.proj.reset_parameters()
-        nn.init.zeros_(self.out.weight)
 
     def forward(self, h: Tensor, c: Tensor) -> Tensor:
         if h.dim() != 3 or c.dim() != 2 or c.shape[0] != h.shape[0]:

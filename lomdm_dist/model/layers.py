@@ -5,7 +5,9 @@ Module names are part of the contract with ``lomdm_dist/parallel/``: tensor para
 ``attn.q_proj``/``k_proj``/``v_proj`` and ``mlp.fc1`` column-wise and ``attn.o_proj``/``mlp.fc2``
 row-wise, so attention reshapes use ``-1`` for the head count (a shard holds ``n_heads / tp`` heads).
 Every adaLN ``modulation`` Linear is zero-initialised (adaLN-Zero): a fresh block is the identity and
-a fresh final layer outputs zero logits, i.e. the uniform distribution.
+a fresh final layer outputs zero logits, i.e. the uniform distribution. Modules declare such layers
+in a ``zero_init`` attribute; ``init.py`` initialises every parameter from (seed, name), which
+``build_model`` applies (a module constructed on its own keeps PyTorch's default initialisation).
 """
 
 from __future__ import annotations
@@ -127,8 +129,11 @@ class DiTBlock(nn.Module):
 
     ``x + gate_a * dropout(attn(modulate(norm1(x))))``, then
     ``x + gate_m * dropout(mlp(modulate(norm2(x))))``; shift/scale/gate for both come from
-    ``modulation(c)`` in the order (shift_a, scale_a, gate_a, shift_m, scale_m, gate_m).
+    ``modulation(c)`` in the order (shift_a, scale_a, gate_a, shift_m, scale_m, gate_m). The
+    modulation starts at zero, so a fresh block is the identity.
     """
+
+    zero_init = ("modulation",)
 
     def __init__(self, d_model: int, n_heads: int, cond_dim: int, mlp_ratio: int, dropout: float,
                  rope_base: float) -> None:
@@ -139,15 +144,6 @@ class DiTBlock(nn.Module):
         self.mlp = MLP(d_model, mlp_ratio)
         self.modulation = nn.Linear(cond_dim, 6 * d_model)
         self.dropout = nn.Dropout(dropout)
-        self.init_weights()
-
-    def init_weights(self) -> None:
-        """Default init for norms and projections; zero modulation so the block starts as identity."""
-        for module in (self.norm1, self.norm2, self.attn.q_proj, self.attn.k_proj, self.attn.v_proj,
-                       self.attn.o_proj, self.mlp.fc1, self.mlp.fc2):
-            module.reset_parameters()
-        nn.init.zeros_(self.modulation.weight)
-        nn.init.zeros_(self.modulation.bias)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         mod = broadcast_condition(self.modulation(c), x)
@@ -161,21 +157,16 @@ class FinalLayer(nn.Module):
     """adaLN-modulated final LayerNorm and the untied output projection to the vocabulary.
 
     Works on any leading shape, so the loss can call it on the gathered masked positions only.
+    Modulation and projection start at zero: a fresh model outputs zero logits (uniform).
     """
+
+    zero_init = ("modulation", "linear")
 
     def __init__(self, d_model: int, cond_dim: int, vocab_size: int) -> None:
         super().__init__()
         self.norm = FP32LayerNorm(d_model)
         self.modulation = nn.Linear(cond_dim, 2 * d_model)
         self.linear = nn.Linear(d_model, vocab_size)
-        self.init_weights()
-
-    def init_weights(self) -> None:
-        """Zero modulation and projection: a fresh model outputs zero logits (uniform)."""
-        self.norm.reset_parameters()
-        for module in (self.modulation, self.linear):
-            nn.init.zeros_(module.weight)
-            nn.init.zeros_(module.bias)
 
     def forward(self, h: Tensor, c: Tensor) -> Tensor:
         shift, scale = broadcast_condition(self.modulation(c), h).chunk(2, dim=-1)

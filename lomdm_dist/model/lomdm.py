@@ -8,11 +8,22 @@ the three-pass LoMDM step uses them in different combinations. Parameter names s
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from ..config.schema import ConfigError, DiffusionConfig, ModelConfig
+from ..config.errors import ConfigError
+from ..config.schema import DiffusionConfig, ModelConfig
 from .dit import DiT
 from .heads import SchedulerHead
+from .init import init_parameters_
+
+
+def resolve_seed(seed: int | None) -> int:
+    """``seed``, or for None one drawn from torch's global generator, so that
+    ``torch.manual_seed(s)`` followed by ``build_model(...)`` stays reproducible."""
+    if seed is not None:
+        return int(seed)
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
 class LoMDM(nn.Module):
@@ -29,48 +40,43 @@ class LoMDM(nn.Module):
         self.mask_token_id = mask_token_id
         self.vocab_size = backbone.vocab_size
 
-    def init_weights(self) -> None:
-        """Re-initialise every parameter (after ``to_empty`` on a model built on the meta device)."""
-        self.backbone.init_weights()
-        for head in (self.phi, self.psi):
-            if head is not None:
-                head.init_weights()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Re-initialise every parameter from ``seed`` (e.g. after ``to_empty`` on a model built on
+        the meta device); None draws the seed from torch's global generator (see ``resolve_seed``)."""
+        init_parameters_(self, resolve_seed(seed))
 
     def forward(self, tokens: Tensor, sigma: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The backbone's ``(logits, h)``; present so wrappers that hook the root module's call work."""
         return self.backbone(tokens, sigma)
 
 
-def _check_model_config(model_cfg: ModelConfig, vocab_size: int) -> None:
-    positive = {"model.n_layers": model_cfg.n_layers, "model.d_model": model_cfg.d_model,
-                "model.n_heads": model_cfg.n_heads, "model.cond_dim": model_cfg.cond_dim,
-                "model.mlp_ratio": model_cfg.mlp_ratio}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    if model_cfg.d_model % model_cfg.n_heads:
-        raise ConfigError(f"model.d_model ({model_cfg.d_model}) must be divisible by model.n_heads "
-                          f"({model_cfg.n_heads})")
-    if (model_cfg.d_model // model_cfg.n_heads) % 2:
-        raise ConfigError("model.d_model / model.n_heads must be even (rotary embeddings rotate pairs)")
-    if not 0.0 <= model_cfg.dropout < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {model_cfg.dropout}")
-    if model_cfg.head_mlp_hidden < 0:
-        raise ConfigError(f"model.head_mlp_hidden must be >= 0, got {model_cfg.head_mlp_hidden}")
-    if model_cfg.rope_base <= 0:
-        raise ConfigError(f"model.rope_base must be positive, got {model_cfg.rope_base}")
-    if vocab_size < 2:
-        raise ConfigError(f"vocab_size must count at least one token plus the mask token, got {vocab_size}")
-
-
-def build_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, vocab_size: int) -> LoMDM:
-    """Build the model on the current default device (``with torch.device("meta"):`` works).
+def build_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, vocab_size: int, *,
+                seed: int | None = None) -> LoMDM:
+    """Build the model on the current default device, initialised from ``seed``.
 
     ``vocab_size`` counts the mask token, whose id is ``vocab_size - 1``. The phi/psi heads exist
     only for ``diffusion.scheduler == "lomdm"``; their MLP width is ``model.head_mlp_hidden`` or
-    ``model.d_model`` when that is 0. Initialisation is deterministic given ``torch.manual_seed``.
+    ``model.d_model`` when that is 0. Every parameter's initial value is a function of ``seed`` and
+    its name (``model/init.py``); ``seed`` None draws one from torch's global generator. Under
+    ``with torch.device("meta"):`` nothing is allocated or initialised: the distributed engine lays
+    the model out first and then fills each rank's shard with the same values
+    (``parallel/materialize.py``). The modules are always constructed on the meta device, so
+    PyTorch's per-module default initialisation, which would be overwritten, never runs.
+    ``model_cfg`` is a checked section (``ModelConfig.validate``, run by ``Config.validate``).
     """
-    _check_model_config(model_cfg, vocab_size)
+    if vocab_size < 2:
+        raise ConfigError(f"vocab_size must count at least one token plus the mask token, got {vocab_size}")
+    target = torch.get_default_device()
+    with torch.device("meta"):
+        model = _construct(model_cfg, diffusion_cfg, vocab_size)
+    if target.type != "meta":
+        model.to_empty(device=target)
+        init_parameters_(model, resolve_seed(seed))
+    return model
+
+
+def _construct(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, vocab_size: int) -> LoMDM:
+    """The modules (``build_model`` constructs them on the meta device and initialises them itself)."""
     m = model_cfg
     backbone = DiT(vocab_size=vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
                    cond_dim=m.cond_dim, mlp_ratio=m.mlp_ratio, dropout=m.dropout,

@@ -1,20 +1,20 @@
 """Layout validation: does ``parallel.*`` fit the world size, the model and the batch?
 
-Runs before any process group starts (the launcher and each worker call it with the world size
-they were given), so an impossible layout ends with a message naming the keys instead of a
-shape error inside a collective or a hang. Nothing here imports ``torch.distributed``.
+Runs once per process, before any process group starts: the entry point (``load_run_config`` of
+``python -m lomdm_dist.train``, the Slurm submitter) or, for code that builds a ``Trainer``
+directly, the trainer itself, with the world size it was given; the mesh is then built from the
+checked section. An impossible layout ends with a message naming the keys instead of a shape
+error inside a collective or a hang. The section's own keys (sizes, choices) are
+``ParallelConfig.validate``'s; this module checks what needs the world size, the model or the
+batch. Nothing here imports ``torch.distributed``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..config.schema import ConfigError
-from .config import ParallelConfig
-
-_SIZE_KEYS = ("pp", "dp_replicate", "dp_shard", "tp")
-_AC_MODES = ("none", "selective", "full")
-_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
+from ..config.errors import ConfigError
+from ..config.parallel import ParallelConfig
 
 
 def parallel_section(cfg: Any, parallel: ParallelConfig | None = None) -> ParallelConfig:
@@ -41,14 +41,7 @@ def _is_count(value: Any, low: int) -> bool:
     return not isinstance(value, bool) and isinstance(value, int) and value >= low
 
 
-def _check_sizes(par: ParallelConfig, world_size: int) -> None:
-    for key in _SIZE_KEYS + ("virtual_stages",):
-        value = getattr(par, key)
-        if not _is_count(value, 1):
-            raise ConfigError(f"parallel.{key} must be a positive integer, got {value!r}")
-    if not _is_count(par.microbatches, 0):
-        raise ConfigError(f"parallel.microbatches must be a positive integer or 0 (automatic: parallel.pp), "
-                          f"got {par.microbatches!r}")
+def _check_world_size(par: ParallelConfig, world_size: int) -> None:
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
     if par.world_size != world_size:
@@ -56,12 +49,6 @@ def _check_sizes(par: ParallelConfig, world_size: int) -> None:
             f"parallel.pp ({par.pp}) x parallel.dp_replicate ({par.dp_replicate}) x parallel.dp_shard "
             f"({par.dp_shard}) x parallel.tp ({par.tp}) = {par.world_size} must equal the number of "
             f"processes ({world_size})")
-    if par.activation_checkpointing not in _AC_MODES:
-        raise ConfigError(f"parallel.activation_checkpointing must be one of {', '.join(_AC_MODES)}; "
-                          f"got {par.activation_checkpointing!r}")
-    if par.pipeline_schedule not in _SCHEDULES:
-        raise ConfigError(f"parallel.pipeline_schedule must be one of {', '.join(_SCHEDULES)}; "
-                          f"got {par.pipeline_schedule!r}")
 
 
 def _check_tensor_parallel(par: ParallelConfig, model: Any, seq_len: int | None) -> None:
@@ -80,13 +67,6 @@ def _check_tensor_parallel(par: ParallelConfig, model: Any, seq_len: int | None)
 
 
 def _check_pipeline(par: ParallelConfig, model: Any) -> None:
-    if par.pipeline_schedule == "interleaved_1f1b":
-        if par.virtual_stages < 2:
-            raise ConfigError("parallel.pipeline_schedule interleaved_1f1b needs parallel.virtual_stages >= 2, "
-                              f"got {par.virtual_stages}")
-    elif par.virtual_stages != 1:
-        raise ConfigError(f"parallel.virtual_stages ({par.virtual_stages}) > 1 needs "
-                          f"parallel.pipeline_schedule interleaved_1f1b, got {par.pipeline_schedule}")
     if par.pp == 1:
         return
     stages = par.num_stages
@@ -121,12 +101,16 @@ def validate_layout(cfg: Any, world_size: int, parallel: ParallelConfig | None =
     """Check the layout against the world size, the model and the batch; return the section,
     resolved (see :func:`parallel_section`).
 
-    ``cfg`` is the full :class:`~lomdm_dist.config.Config` (``model``, ``data`` and, once the field
-    exists, ``parallel``); ``parallel`` overrides ``cfg.parallel``. Raises ``ConfigError`` naming
-    the keys. Pure Python: call it before ``init_process_group``.
+    ``cfg`` is the full :class:`~lomdm_dist.config.Config` (``model``, ``data``, ``parallel``),
+    validated (``Config.validate``, which checks ``cfg.parallel``'s own keys); ``parallel``, a
+    section that did not come with the config, overrides ``cfg.parallel`` and has its own keys
+    checked here. Raises ``ConfigError`` naming the keys. Pure Python: call it once per process,
+    before ``init_process_group``.
     """
     given = _given_section(cfg, parallel)
-    _check_sizes(given, world_size)
+    if parallel is not None:
+        parallel.validate()
+    _check_world_size(given, world_size)
     par = given.resolved()
     data = getattr(cfg, "data", None)
     _check_tensor_parallel(par, cfg.model, getattr(data, "seq_len", None))

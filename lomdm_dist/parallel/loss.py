@@ -1,9 +1,9 @@
 """The vocab-parallel per-token loss: the tensor-parallel hook of the objective.
 
 The objective itself (randomness, masks, the three passes, RLOO, statistics) is written once, in
-``lomdm_dist.diffusion.objective``, as pieces that every layout chains: whole on one device or under
-tensor / data parallelism (``diffusion_loss``), split at the pipeline's stage boundaries by
-``pipeline.py``. What tensor parallelism changes is only the per-token loss: the output layer hands
+``lomdm_dist.diffusion.objective.diffusion_loss``, which every layout runs; a layout supplies only
+its passes (``PlainPasses``, or ``pipeline.PipelinePasses``), with this per-token loss and the sum
+over data-parallel ranks. What tensor parallelism changes is only the per-token loss: the output layer hands
 each rank its slice of the vocabulary's logits, and :func:`vocab_parallel_token_loss` combines
 the slices' statistics without ever gathering the (N, V) logits.
 """

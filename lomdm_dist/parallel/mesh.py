@@ -34,11 +34,19 @@ def default_device_type() -> str:
 
 def build_mesh(cfg: Any, world_size: int | None = None, *, parallel: ParallelConfig | None = None,
                device_type: str | None = None) -> DeviceMesh | None:
-    """Validate the layout, then build the 4-D mesh (initialising the default process group from
-    the torchrun environment if it is not initialised yet); ``None`` for a world of one."""
+    """Validate the layout, then build the 4-D mesh (:func:`mesh_from_layout`); ``None`` for a world
+    of one. For callers that hold an unchecked layout; the trainer checks once and calls
+    :func:`mesh_from_layout`."""
     if world_size is None:
         world_size = dist.get_world_size() if dist.is_initialized() else 1
-    par = validate_layout(cfg, world_size, parallel)
+    return mesh_from_layout(validate_layout(cfg, world_size, parallel), device_type=device_type)
+
+
+def mesh_from_layout(par: ParallelConfig, *, device_type: str | None = None) -> DeviceMesh | None:
+    """The 4-D mesh of a checked layout (what ``validate_layout`` returned), initialising the
+    default process group from the torchrun environment if it is not initialised yet; ``None``
+    for a world of one."""
+    world_size = par.world_size
     if world_size == 1:
         return None
     if dist.is_initialized() and dist.get_world_size() != world_size:

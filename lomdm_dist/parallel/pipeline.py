@@ -10,8 +10,11 @@ are keyed by name and must not depend on the layout).
 Between stages travel the hidden states ``h`` and the adaLN conditioning ``c`` (c is made at
 stage 0 and every block reads it; its gradient flows back to the conditioning MLP).
 
-The LoMDM step cannot be one pipeline pass, because the masks of the with-grad pass depend on
-the phi head at the last stage, computed from the clean rows. So (``design.md``):
+The step itself is ``lomdm_dist.diffusion.objective.diffusion_loss``, which owns every formula;
+:class:`PipelinePasses` supplies its features through pipeline schedules and keeps only the
+scheduling and the communication. The LoMDM step cannot be one pipeline pass, because the masks of
+the with-grad pass depend on the phi head at the last stage, computed from the clean rows. So
+(``design.md``):
 
 1. a forward-only pass (no grad) over all microbatches of the clean rows; the last stage keeps the
    clean features and conditioning, detached, and computes the exponents k_phi;
@@ -21,7 +24,8 @@ the phi head at the last stage, computed from the clean rows. So (``design.md``)
    the last stage re-applies the phi head *with grad* to the stored clean features of the
    microbatch's rows, runs the psi head and the vocab-parallel loss, and returns the microbatch's
    share of the surrogate (summed, divided by the global token count, so the schedule must not
-   rescale gradients).
+   rescale gradients);
+4. the last stage assembles the step's ``LossOutput`` and sends it to the other stages.
 
 Fixed schedulers (mdlm, poly, arm, block) skip phases 1 and 2.
 """
@@ -37,10 +41,7 @@ from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from ..config import DiffusionConfig
-from ..diffusion.objective import (LossOutput, PassLoss, assemble_loss, conditioning_sigma, draw_exponents,
-                                   draw_masks, masked_copies, masked_pass_loss, step_randomness)
-from ..diffusion.schedulers import Scheduler
+from ..diffusion.objective import CleanPass, LossOutput, MicrobatchLoss
 from ..model import DiTBlock
 from .config import ParallelConfig
 from .mesh import sum_over_dp
@@ -135,28 +136,11 @@ def completed(tensor: Tensor) -> Tensor:
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_STAT_KEYS_LEARNED = ("k_phi_mean", "k_phi_std", "k_phi_saturated", "k_hat_mean", "k_hat_std", "k_hat_saturated",
-                      "g_phi_mean")
-_STAT_KEYS = ("masked_fraction", "t_mean")
-
-
-def _pack(out: LossOutput, learned: bool) -> Tensor:
-    keys = (_STAT_KEYS_LEARNED if learned else ()) + _STAT_KEYS
-    head = [out.loss, out.nelbo, out.l_main, out.l_velocity] + [out.stats[k] for k in keys]
-    return torch.cat([torch.stack([v.detach().double().reshape(()) for v in head]), out.row_nelbo.double()])
-
-
-def _unpack(vector: Tensor, learned: bool, tokens: Tensor) -> LossOutput:
-    keys = (_STAT_KEYS_LEARNED if learned else ()) + _STAT_KEYS
-    n = 4 + len(keys)
-    head = vector[:n]
-    return LossOutput(loss=head[0].float(), nelbo=head[1].float(), l_main=head[2].float(),
-                      l_velocity=head[3].float(), row_nelbo=vector[n:].clone(), tokens=tokens,
-                      stats={k: head[4 + i].float() for i, k in enumerate(keys)})
 
 
 class PipelineRunner:
-    """Runs the two-phase step over the stages this rank holds."""
+    """The stages this rank holds and their schedules (built once per batch shape): forward-only
+    passes, and the masked pass with the objective's loss per microbatch at the last stage."""
 
     def __init__(self, model: nn.Module, mesh: DeviceMesh, parallel: ParallelConfig, device: torch.device,
                  vocab_parallel: VocabParallel | None) -> None:
@@ -178,8 +162,7 @@ class PipelineRunner:
         self.sequence_shards = parallel.tp if parallel.sequence_parallel and parallel.tp > 1 else 1
         self._schedules: dict[tuple, object] = {}
         self._dtypes: dict[tuple, tuple[torch.dtype, torch.dtype]] = {}
-        self._context: dict | None = None
-        self._parts: dict[int, PassLoss] = {}
+        self._step_loss: MicrobatchLoss | None = None
 
     # ------------------------------------------------------------------ schedules
     def _activation_dtypes(self) -> tuple[torch.dtype, torch.dtype]:
@@ -242,7 +225,7 @@ class PipelineRunner:
             self._schedules[key] = schedule
         return self._schedules[key]
 
-    def _forward_only(self, kind: str, tokens: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor] | None:
+    def forward_only(self, kind: str, tokens: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor] | None:
         """Forward pass of every microbatch without grad; (h, c) merged at the last stage, else None."""
         schedule = self._schedule(kind, (tokens.shape[0], tokens.shape[1]), None)
         with torch.no_grad():
@@ -255,89 +238,82 @@ class PipelineRunner:
         h, c = out
         return h.detach(), c.detach()
 
-    # ------------------------------------------------------------------ the step
+    # ------------------------------------------------------------------ the masked pass
     def _microbatch_loss(self, output: tuple[Tensor, Tensor], target: Tensor) -> Tensor:
-        """Loss function at the last stage; ``target`` holds the local row indices of the microbatch."""
-        ctx = self._context
+        """The schedules' loss function at the last stage; ``target`` holds the microbatch's index.
+
+        A schedule is built once per batch shape with this bound method, so the objective's loss of
+        the current step is looked up here, not captured."""
+        if self._step_loss is None:
+            raise RuntimeError("a pipeline schedule ran its loss outside PipelinePasses.masked_pass")
         h, c = output
-        b = ctx["rows_per_microbatch"]
-        index = int(target[0]) // b
-        rows = slice(index * b, (index + 1) * b)
-        clean = ctx["h_clean"] is not None
-        part = masked_pass_loss(
-            self.model, ctx["scheduler"], h=h, c=c, x=ctx["x"][rows], valid=ctx["valid"][rows],
-            masks=ctx["masks"][:, rows], times=ctx["times"][rows], cfg=ctx["cfg"],
-            h_clean=ctx["h_clean"][rows] if clean else None, c_clean=ctx["c_clean"][rows] if clean else None,
-            token_loss=self.token_loss)
-        self._parts[index] = part
-        return part.surrogate.sum() / ctx["normalizer"]
+        return self._step_loss(int(target[0]), h, c)
 
-    def run(self, scheduler: Scheduler, x: Tensor, *, cfg: DiffusionConfig, seed: int, step: int, rows: Tensor,
-            global_batch: int, valid: Tensor, num_masks: int, normalizer: Tensor, time_stream: int,
-            mask_stream: int, backward: bool) -> LossOutput:
-        """One step on this rank's rows ``x`` (B, L): every pipeline rank passes the same rows.
-
-        With ``backward`` the parameter gradients are accumulated; the returned ``LossOutput``
-        (same on every rank of the pipeline group) holds detached values.
-        """
-        model = self.model
-        backbone = model.backbone
+    def masked_pass(self, z: Tensor, sigma: Tensor, loss: MicrobatchLoss, *, backward: bool) -> None:
+        """The masked copies through the stages, ``loss`` per microbatch at the last stage: 1F1B (or
+        the configured schedule) with ``backward``, else a forward-only pass and ``loss`` without grad."""
         micro = self.parallel.microbatches
-        B, L = x.shape
-        if B % micro:
-            raise ValueError(f"the local batch ({B} rows) is not divisible by parallel.microbatches ({micro})")
-        b = B // micro
-        K = num_masks
-        times, uniforms = step_randomness(seed=seed, step=step, rows=rows.to(x.device), global_batch=global_batch,
-                                          seq_len=L, num_masks=K, cfg=cfg, time_stream=time_stream,
-                                          mask_stream=mask_stream)
-        t = times.t.to(torch.float32)
-
-        h_clean = c_clean = k_draw = None
-        if scheduler.learned:
-            sigma_clean = conditioning_sigma(backbone, torch.zeros_like(t))
-            clean = self._forward_only("clean", x, sigma_clean)
-            k_draw = torch.empty(B, L, dtype=torch.float32, device=x.device)
-            if clean is not None:
-                h_clean, c_clean = clean
-                with torch.no_grad():
-                    k_draw = draw_exponents(scheduler, model.phi(h_clean, c_clean).float(), times.t, valid)
-            dist.broadcast(k_draw, src=self.last_rank, group=self.group)
-        masks = draw_masks(scheduler, times, uniforms, k_draw)
-
-        chunks = [slice(i * b, (i + 1) * b) for i in range(micro)]
-        z = torch.cat([masked_copies(x[s], masks[:, s], model.mask_token_id) for s in chunks])
-        sigma = torch.cat([conditioning_sigma(backbone, t[s].repeat(K)) for s in chunks])
-        self._context = dict(scheduler=scheduler, cfg=cfg, x=x, valid=valid, masks=masks, times=times,
-                             h_clean=h_clean, c_clean=c_clean, normalizer=normalizer, rows_per_microbatch=b)
-        self._parts = {}
+        self._step_loss = loss
         try:
             if backward:
                 schedule = self._schedule("masked", (z.shape[0], z.shape[1]), self._microbatch_loss)
-                target = torch.arange(B)
                 args = (z, sigma) if self.has_first else ()
-                schedule.step(*args, target=target if self.has_last else None, return_outputs=False)
-            else:
-                out = self._forward_only("masked-eval", z, sigma)
-                if out is not None:
-                    h, c = out
-                    with torch.no_grad():
-                        for i, s in enumerate(chunks):
-                            rows_kb = slice(i * K * b, (i + 1) * K * b)
-                            self._microbatch_loss((h[rows_kb], c[rows_kb]), torch.arange(s.start, s.stop))
-            tokens = valid.sum().to(torch.float32)
-            learned = scheduler.learned
-            if self.has_last:
-                parts = [self._parts[i] for i in range(micro)]
-                loss = sum(p.surrogate.detach().sum() for p in parts) / normalizer
-                result = assemble_loss(parts, normalizer=normalizer, tokens=tokens, loss=loss,
-                                       reduce_sums=lambda v: sum_over_dp(v, self.mesh))
-                packed = _pack(result, learned)
-            else:
-                n_stats = len(_STAT_KEYS) + (len(_STAT_KEYS_LEARNED) if learned else 0)
-                packed = torch.empty(4 + n_stats + B, dtype=torch.float64, device=x.device)
-            dist.broadcast(packed, src=self.last_rank, group=self.group)
-            return _unpack(packed, learned, tokens)
+                schedule.step(*args, target=torch.arange(micro) if self.has_last else None, return_outputs=False)
+                return
+            out = self.forward_only("masked-eval", z, sigma)
+            if out is not None:
+                h, c = out
+                per = z.shape[0] // micro
+                with torch.no_grad():
+                    for i in range(micro):
+                        rows = slice(i * per, (i + 1) * per)
+                        self._microbatch_loss((h[rows], c[rows]), torch.tensor([i]))
         finally:
-            self._context = None
-            self._parts = {}
+            self._step_loss = None
+
+
+class PipelinePasses:
+    """``diffusion_loss``'s passes under pipeline parallelism (see the module docstring): every rank
+    of the pipeline group calls ``diffusion_loss`` with the same rows and one of these."""
+
+    def __init__(self, runner: PipelineRunner, *, backward: bool) -> None:
+        self.runner = runner
+        self.backpropagates = backward
+        self.token_loss = runner.token_loss
+        self.reduce_sums = lambda v: sum_over_dp(v, runner.mesh)
+
+    def microbatches(self, rows: int) -> list[slice]:
+        micro = self.runner.parallel.microbatches
+        if rows % micro:
+            raise ValueError(f"the local batch ({rows} rows) is not divisible by parallel.microbatches ({micro})")
+        b = rows // micro
+        return [slice(i * b, (i + 1) * b) for i in range(micro)]
+
+    def clean_pass(self, x: Tensor, sigma: Tensor, to_exponents: Callable[[Tensor], Tensor]) -> CleanPass:
+        """Forward-only pass over the clean rows; the last stage keeps their features (detached),
+        computes the exponents and broadcasts them to the pipeline group."""
+        runner = self.runner
+        phi = runner.model.phi
+        clean = runner.forward_only("clean", x, sigma)
+        k = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        g_phi = None
+        if clean is not None:
+            h_clean, c_clean = clean
+            with torch.no_grad():
+                k = to_exponents(phi(h_clean, c_clean).float())
+
+            def g_phi(rows: slice) -> Tensor:      # re-applied with grad per microbatch
+                return phi(h_clean[rows], c_clean[rows]).float()
+        dist.broadcast(k, src=runner.last_rank, group=runner.group)
+        return CleanPass(k=k, phi=g_phi)
+
+    def masked_pass(self, z: Tensor, sigma: Tensor, loss: MicrobatchLoss) -> None:
+        self.runner.masked_pass(z, sigma, loss, backward=self.backpropagates)
+
+    def share(self, out: LossOutput | None) -> LossOutput:
+        """The last stage's result on every rank of the pipeline group (as an object: which statistics
+        it holds depends on the scheduler, and only the last stage computed them)."""
+        runner = self.runner
+        payload = [out.to("cpu") if runner.has_last else None]
+        dist.broadcast_object_list(payload, src=runner.last_rank, group=runner.group, device=runner.device)
+        return payload[0].to(runner.device)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Mapping
 
-from ..config.schema import ConfigError
+from ..config.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -121,3 +121,14 @@ def any_rank(flag: bool, device: "torch.device") -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
+
+
+def peak_host_memory_bytes() -> int:
+    """This process's peak resident host memory so far, in bytes (``getrusage``'s ``ru_maxrss``,
+    which Linux gives in KiB and macOS in bytes). The start-up line reports it: building the model
+    on the meta device keeps it near one rank's shard instead of the whole model."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024

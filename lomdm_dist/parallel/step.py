@@ -1,9 +1,12 @@
 """The step functions the trainer calls, for every layout.
 
-``forward_backward`` takes the arguments of ``diffusion_loss`` and returns its ``LossOutput`` after
-accumulating the gradients: a plain forward and backward without pipeline parallelism, the
-two-phase pipeline step with it. ``distributed_loss`` is the differentiable loss itself for layouts
-without pipeline parallelism; ``evaluation_loss`` the no-grad loss for any layout (validation).
+Each runs ``diffusion_loss`` with the :class:`~lomdm_dist.diffusion.objective.Passes` of the layout:
+``PlainPasses`` on the (tensor / sequence / data parallel) model with its per-token loss and the
+sum over data-parallel ranks, or ``PipelinePasses`` under pipeline parallelism.
+``forward_backward`` returns the ``LossOutput`` after accumulating the gradients;
+``distributed_loss`` is the differentiable loss itself for layouts without pipeline parallelism;
+``evaluation_loss`` the no-grad loss for any layout (validation). All take ``diffusion_loss``'s
+arguments.
 
 Normalisation: by default the loss is divided by the valid tokens of the *global* batch (summed
 over data-parallel ranks), and FSDP sums gradients over those ranks, so gradients equal the
@@ -12,16 +15,18 @@ single-process ones on the whole batch.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
 from ..config import DiffusionConfig
-from ..diffusion import randomness
-from ..diffusion.objective import LossOutput, diffusion_loss
+from ..diffusion.objective import LossOutput, Passes, PlainPasses, StepSpec, diffusion_loss
 from ..diffusion.schedulers import Scheduler
 from .grads import finalize_gradients
 from .mesh import sum_over_dp
 from .parallelize import ParallelModel
+from .pipeline import PipelinePasses
 
 
 def global_normalizer(pm: ParallelModel, valid: Tensor) -> Tensor:
@@ -29,22 +34,26 @@ def global_normalizer(pm: ParallelModel, valid: Tensor) -> Tensor:
     return sum_over_dp(valid.sum().to(torch.float32), pm.mesh).clamp(min=1.0)
 
 
-def _prepare(pm: ParallelModel, x: Tensor, valid: Tensor | None, normalizer, cfg: DiffusionConfig,
-             num_masks: int | None) -> tuple[Tensor, Tensor, int]:
+def _global(pm: ParallelModel, x: Tensor, spec: StepSpec, valid: Tensor | None) -> tuple[StepSpec, Tensor]:
+    """(``spec`` with its normaliser a tensor, the global token count by default; ``valid``)."""
     if valid is None:
         valid = torch.ones_like(x, dtype=torch.bool)
-    if normalizer is None:
-        normalizer = global_normalizer(pm, valid)
-    elif not isinstance(normalizer, Tensor):
-        normalizer = torch.tensor(float(normalizer), device=x.device)
-    return valid, normalizer, num_masks or cfg.resolved_masks_per_row()
+    if spec.normalizer is None:
+        spec = replace(spec, normalizer=global_normalizer(pm, valid))
+    elif not isinstance(spec.normalizer, Tensor):
+        spec = replace(spec, normalizer=torch.tensor(float(spec.normalizer), device=x.device))
+    return spec, valid
 
 
-def distributed_loss(pm: ParallelModel, scheduler: Scheduler, x: Tensor, *, cfg: DiffusionConfig, seed: int,
-                     step: int, rows: Tensor, global_batch: int, valid: Tensor | None = None,
-                     num_masks: int | None = None, normalizer: float | Tensor | None = None,
-                     time_stream: int = randomness.STREAM_TIME,
-                     mask_stream: int = randomness.STREAM_MASK) -> LossOutput:
+def _passes(pm: ParallelModel, *, backward: bool) -> Passes:
+    if pm.pipeline is not None:
+        return PipelinePasses(pm.pipeline, backward=backward)
+    return PlainPasses(pm.model, token_loss=pm.token_loss,
+                       reduce_sums=None if pm.mesh is None else lambda v: sum_over_dp(v, pm.mesh))
+
+
+def distributed_loss(pm: ParallelModel, scheduler: Scheduler, x: Tensor, spec: StepSpec, *, cfg: DiffusionConfig,
+                     valid: Tensor | None = None) -> LossOutput:
     """The differentiable loss of this rank's rows (tensor / sequence / data parallel layouts).
 
     Pipeline layouts interleave forward and backward per microbatch and cannot return a loss to
@@ -52,31 +61,20 @@ def distributed_loss(pm: ParallelModel, scheduler: Scheduler, x: Tensor, *, cfg:
     """
     if pm.pipeline is not None:
         raise ValueError("distributed_loss: with parallel.pp > 1 use forward_backward (or evaluation_loss)")
-    valid, normalizer, K = _prepare(pm, x, valid, normalizer, cfg, num_masks)
-    return diffusion_loss(pm.model, scheduler, x, cfg=cfg, seed=seed, step=step, rows=rows,
-                          global_batch=global_batch, valid=valid, num_masks=K, normalizer=normalizer,
-                          time_stream=time_stream, mask_stream=mask_stream, token_loss=pm.token_loss,
-                          reduce_sums=None if pm.mesh is None else lambda v: sum_over_dp(v, pm.mesh))
+    spec, valid = _global(pm, x, spec, valid)
+    return diffusion_loss(pm.model, scheduler, x, spec, cfg=cfg, valid=valid, passes=_passes(pm, backward=False))
 
 
-def forward_backward(pm: ParallelModel, scheduler: Scheduler, x: Tensor, *, cfg: DiffusionConfig, seed: int,
-                     step: int, rows: Tensor, global_batch: int, valid: Tensor | None = None,
-                     num_masks: int | None = None, normalizer: float | Tensor | None = None,
-                     time_stream: int = randomness.STREAM_TIME,
-                     mask_stream: int = randomness.STREAM_MASK) -> LossOutput:
+def forward_backward(pm: ParallelModel, scheduler: Scheduler, x: Tensor, spec: StepSpec, *, cfg: DiffusionConfig,
+                     valid: Tensor | None = None) -> LossOutput:
     """Loss and accumulated gradients of one step; the returned values are detached.
 
     Gradients end complete on the ranks that hold each parameter (partial sequence-parallel
     gradients are reduced here), ready for :func:`~lomdm_dist.parallel.grads.clip_grad_norm_`.
     """
-    kwargs = dict(cfg=cfg, seed=seed, step=step, rows=rows, global_batch=global_batch, time_stream=time_stream,
-                  mask_stream=mask_stream)
-    if pm.pipeline is not None:
-        valid, normalizer, K = _prepare(pm, x, valid, normalizer, cfg, num_masks)
-        out = pm.pipeline.run(scheduler, x, valid=valid, num_masks=K, normalizer=normalizer, backward=True,
-                              **kwargs)
-    else:
-        out = distributed_loss(pm, scheduler, x, valid=valid, num_masks=num_masks, normalizer=normalizer, **kwargs)
+    spec, valid = _global(pm, x, spec, valid)
+    out = diffusion_loss(pm.model, scheduler, x, spec, cfg=cfg, valid=valid, passes=_passes(pm, backward=True))
+    if pm.pipeline is None:
         out.loss.backward()
         out.loss = out.loss.detach()
     finalize_gradients(pm.parameters())
@@ -84,19 +82,11 @@ def forward_backward(pm: ParallelModel, scheduler: Scheduler, x: Tensor, *, cfg:
 
 
 @torch.no_grad()
-def evaluation_loss(pm: ParallelModel, scheduler: Scheduler, x: Tensor, *, cfg: DiffusionConfig, seed: int,
-                    step: int, rows: Tensor, global_batch: int, valid: Tensor | None = None,
-                    num_masks: int | None = None, normalizer: float | Tensor | None = None,
-                    time_stream: int = randomness.STREAM_TIME,
-                    mask_stream: int = randomness.STREAM_MASK) -> LossOutput:
+def evaluation_loss(pm: ParallelModel, scheduler: Scheduler, x: Tensor, spec: StepSpec, *, cfg: DiffusionConfig,
+                    valid: Tensor | None = None) -> LossOutput:
     """The loss without gradients, any layout (the same draws as training for the same streams)."""
-    kwargs = dict(cfg=cfg, seed=seed, step=step, rows=rows, global_batch=global_batch, time_stream=time_stream,
-                  mask_stream=mask_stream)
-    if pm.pipeline is not None:
-        valid, normalizer, K = _prepare(pm, x, valid, normalizer, cfg, num_masks)
-        return pm.pipeline.run(scheduler, x, valid=valid, num_masks=K, normalizer=normalizer, backward=False,
-                               **kwargs)
-    return distributed_loss(pm, scheduler, x, valid=valid, num_masks=num_masks, normalizer=normalizer, **kwargs)
+    spec, valid = _global(pm, x, spec, valid)
+    return diffusion_loss(pm.model, scheduler, x, spec, cfg=cfg, valid=valid, passes=_passes(pm, backward=False))
 
 
 _SUMMED = ("loss", "nelbo", "l_main", "l_velocity")

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from data_pipeline.errors import DataError
 
-    from .checkpoint import CheckpointError
+    from ..checkpoint.protocol import CheckpointError
+    from ..parallel.layout import parallel_section
     from .metrics import print0
     from .trainer import Trainer, TrainingError
     where = f"rank {env.rank}: " if env.world_size > 1 else ""
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
     try:
-        result = Trainer(cfg, env=env).run()
+        result = Trainer(cfg, env=env, parallel=parallel_section(cfg)).run()   # layout checked above
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
         print(f"{where}error: {err}", file=sys.stderr)
         return fail(2, err)

@@ -3,8 +3,9 @@
 Set-up, on every rank: torchrun's environment says who this process is; the layout is validated
 against the world size *before* any process group starts (a bad layout is a config error naming
 the keys); the process group starts (gloo on CPU, NCCL on GPU, collective timeout from
-``parallel.collective_timeout_s``); the model is built under the same seed on every rank and laid out
-on the mesh (``parallelize_model``: each rank cuts its shard out of the same full copy); dropout
+``parallel.collective_timeout_s``); the model is built on the meta device, laid out on the mesh and
+only then materialised (``parallelize_model``: each rank allocates and initialises its own shard
+from ``train.seed`` and the parameter names, the values one process would have); dropout
 is seeded per rank; AdamW and the EMA hold this rank's part; the newest complete checkpoint is
 loaded, whatever layout wrote it. One process is the same code with ``mesh = None``.
 
@@ -31,7 +32,6 @@ under ``configs/``.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import time
 from collections import defaultdict
@@ -44,26 +44,27 @@ from tqdm import tqdm
 
 from data_pipeline.reader import valid_mask
 
-from ..config import Config, config_to_dict
-from ..diffusion.objective import clean_features, draw_exponents
+from .. import checkpoint as ckpt_lib
+from ..checkpoint.distributed import (CheckpointLayout, PendingCheckpoint, load_distributed_checkpoint,
+                                      save_distributed_checkpoint)
+from ..config import Config, ParallelConfig, config_to_dict
+from ..diffusion.diagnostics import priority_exponents
+from ..diffusion.objective import StepSpec
 from ..diffusion.randomness import scalar_key
 from ..diffusion.schedulers import build_scheduler
 from ..model import build_model
-from ..parallel import (CheckpointLayout, PendingCheckpoint, ProcessEnv, any_rank, build_mesh, clip_grad_norm_,
-                        distributed_validation_nelbo, dp_rank, dp_size, forward_backward, gather_full_parameters,
-                        global_loss_values, init_process_group, load_distributed_checkpoint, local_rows,
-                        parallelize_model, process_device, save_distributed_checkpoint, seed_dropout,
-                        shutdown_process_group, validate_layout, writes_dp_slice_state)
+from ..parallel import (ProcessEnv, any_rank, clip_grad_norm_, distributed_validation_nelbo, dp_rank, dp_size,
+                        forward_backward, gather_full_parameters, global_loss_values, init_process_group, local_rows,
+                        mesh_from_layout, parallelize_model, process_device, seed_dropout, shutdown_process_group,
+                        validate_layout, writes_dp_slice_state)
 from ..parallel.flops import config_step_flops, device_peak_flops
-from . import checkpoint as ckpt_lib
+from ..parallel.runtime import peak_host_memory_bytes
 from . import config_history
 from .data import build_data
 from .ema import EMA
 from .metrics import MetricsLogger, print0, throughput
 from .optimizer import build_optimizer, set_learning_rate
 from .order_monitor import OrderMonitor
-
-"""Set to 1 to write scheduled checkpoints in the background on GPU (the final one is always synchronous)."""
 
 
 class TrainingError(RuntimeError):
@@ -118,14 +119,16 @@ def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None
 class Trainer:
     """``Trainer(cfg).run()``: one process's part of a run. ``env`` defaults to torchrun's variables
     of this process (one process when none are set); a multi-process job starts its process group
-    here and leaves it at the end of :meth:`run`."""
+    here and leaves it at the end of :meth:`run`. ``parallel``: the layout already checked against
+    this world size (``validate_layout``'s result, as ``python -m lomdm_dist.train`` has it);
+    checked here when None."""
 
-    def __init__(self, cfg: Config, *, env: ProcessEnv | None = None):
+    def __init__(self, cfg: Config, *, env: ProcessEnv | None = None, parallel: ParallelConfig | None = None):
         self._started = time.perf_counter()
         self.cfg = cfg
         self.env = env or ProcessEnv.from_environ()
         self.rank, self.world_size = self.env.rank, self.env.world_size
-        self.parallel = validate_layout(cfg, self.world_size)
+        self.parallel = parallel if parallel is not None else validate_layout(cfg, self.world_size)
         self.run_dir = Path(cfg.run.dir)
         self.device = process_device(self.env, cfg.train.device)
         self.autocast_dtype = resolve_autocast(cfg.train.precision, self.device)
@@ -140,16 +143,17 @@ class Trainer:
         latest = ckpt_lib.latest_checkpoint(self.run_dir)
         # Before anything is built: a resume the checkpoint cannot continue under fails in a second.
         config_changes = config_history.check_resume(latest, config_tree, allow=cfg.run.allow_config_change)
-        self.mesh = build_mesh(cfg, self.world_size)
+        self.mesh = mesh_from_layout(self.parallel)
         self.layout = CheckpointLayout(world_size=self.world_size, tp=self.parallel.tp, pp=self.parallel.pp,
                                        dp_replicate=self.parallel.dp_replicate, dp_shard=self.parallel.dp_shard)
         self.data = build_data(cfg, dp_rank=dp_rank(self.mesh), dp_size=dp_size(self.mesh))
         self.vocab_size = self.data.vocab_size + 1          # + the mask token
-        torch.manual_seed(cfg.train.seed)                  # the same full model on every rank
-        model = build_model(cfg.model, cfg.diffusion, self.vocab_size)
+        with torch.device("meta"):                         # laid out first; each rank then fills only its shard
+            model = build_model(cfg.model, cfg.diffusion, self.vocab_size)
         self.n_params = sum(p.numel() for p in model.parameters())
         param_dtype = self.autocast_dtype if self.parallel.dp > 1 else None   # FSDP2 mixed precision
-        self.pm = parallelize_model(model, self.mesh, cfg, device=self.device, param_dtype=param_dtype)
+        self.pm = parallelize_model(model, self.mesh, cfg, device=self.device, param_dtype=param_dtype,
+                                    init_seed=cfg.train.seed)
         self.model = self.pm.model
         seed_dropout(cfg.train.seed, self.mesh, self.parallel.sequence_parallel)
         self.scheduler = build_scheduler(cfg.diffusion)
@@ -185,7 +189,8 @@ class Trainer:
         par = self.parallel
         print0(f"model: {self.n_params / 1e6:.2f}M parameters, vocab {self.vocab_size}, scheduler "
                f"{cfg.diffusion.scheduler}, {self.world_size} process(es) on {self.device.type} "
-               f"(tp {par.tp}, pp {par.pp}, dp_shard {par.dp_shard}, dp_replicate {par.dp_replicate})"
+               f"(tp {par.tp}, pp {par.pp}, dp_shard {par.dp_shard}, dp_replicate {par.dp_replicate}), "
+               f"peak host memory {peak_host_memory_bytes() / 2**30:.2f} GiB on rank 0"
                + (f", resumed from {resumed_from}" if resumed_from else ""), rank=self.rank)
         if resumed_from and config_changes:
             print0(config_history.describe_changes(config_changes, resumed_from, self.step)
@@ -283,7 +288,13 @@ class Trainer:
         if saved_vocab is not None and int(saved_vocab) != self.vocab_size:
             raise ckpt_lib.CheckpointError(
                 f"checkpoint {latest} has vocabulary {saved_vocab}, the data has {self.vocab_size}")
-        loaded = load_distributed_checkpoint(latest, model=self.model, optimizer=self.optimizer,
+        # A converted checkpoint (tools/convert_checkpoint.py) holds weights only: AdamW starts fresh.
+        weights_only = "optimizer" not in ckpt_lib.saved_parts(latest / ckpt_lib.STATE_DIR)
+        if weights_only:
+            print0(f"checkpoint {latest} holds weights only (no optimizer state): AdamW starts with fresh "
+                   f"moments", rank=self.rank)
+        loaded = load_distributed_checkpoint(latest, model=self.model,
+                                             optimizer=None if weights_only else self.optimizer,
                                              ema_shadow=self.ema.shadow, dp_rank=dp_rank(self.mesh),
                                              dp_size=dp_size(self.mesh), layout=self.layout)
         state = loaded.trainer_state or {}
@@ -313,9 +324,9 @@ class Trainer:
         """Forward and backward on this rank's rows ``x``: gradients accumulated, values detached."""
         valid = valid_mask(x, self.data.pad_id)
         with self._autocast():
-            return forward_backward(self.pm, self.scheduler, x, cfg=self.cfg.diffusion, seed=self.cfg.train.seed,
-                                    step=self.step, rows=self.rows, global_batch=self.cfg.data.batch_size,
-                                    valid=valid)
+            spec = StepSpec(seed=self.cfg.train.seed, step=self.step, rows=self.rows,
+                            global_batch=self.cfg.data.batch_size)
+            return forward_backward(self.pm, self.scheduler, x, spec, cfg=self.cfg.diffusion, valid=valid)
 
     def train_step(self, x: torch.Tensor) -> dict | None:
         """One update; returns metrics, or None when the loss was non-finite and the update skipped."""
@@ -410,21 +421,12 @@ class Trainer:
             return
         x = x[:rows].to(self.device)
         valid = valid_mask(x, self.data.pad_id)
-        t = torch.full((x.shape[0],), 0.5, device=self.device)   # the exponents do not depend on t
-        was_training = model.training
-        model.eval()
-        try:
-            with self._autocast():
-                h, c = clean_features(model, x, t)
-                g = model.phi(h, c).float()
-            k = draw_exponents(self.scheduler, g, t, valid)
-        finally:
-            model.train(was_training)
+        k = priority_exponents(model, self.scheduler, x, valid, autocast_dtype=self.autocast_dtype)
         self.metrics.histogram("order/k_phi", k[valid], self.step)
         if self.metrics.writer is not None:
             from .order_images import priority_image
-            d = self.cfg.diffusion
-            self.metrics.rgb_image("order/k_phi_per_position", priority_image(k, valid, c1=d.c1, c2=d.c2), self.step)
+            image = priority_image(k, valid, c1=self.scheduler.c1, c2=self.scheduler.c2)
+            self.metrics.rgb_image("order/k_phi_per_position", image, self.step)
 
     def _write_samples(self, model: torch.nn.Module) -> None:
         from ..diffusion.sampler import sample

@@ -27,13 +27,9 @@ import signal
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from lomdm_dist.train import checkpoint as ckpt_lib  # noqa: E402
-from lomdm_dist.train.__main__ import main  # noqa: E402
-from lomdm_dist.train.trainer import Trainer  # noqa: E402
+from lomdm_dist.checkpoint import protocol as ckpt_lib
+from lomdm_dist.train.__main__ import main
+from lomdm_dist.train.trainer import Trainer
 
 
 def _rank() -> int:

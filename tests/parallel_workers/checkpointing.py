@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from parallel_common import BATCH, PAD_ID, SEED, batches, eval_batches, make_config, make_model
+from lomdm_dist.diffusion.objective import StepSpec
 from lomdm_dist.diffusion.schedulers import build_scheduler
 from lomdm_dist.parallel import (ParallelConfig, build_mesh, clip_grad_norm_, dp_rank, dp_size, forward_backward,
                                  local_rows, parallelize_model)
-from lomdm_dist.parallel.checkpoint import (CheckpointLayout, load_distributed_checkpoint,
-                                            save_distributed_checkpoint)
+from lomdm_dist.checkpoint.distributed import (CheckpointLayout, load_distributed_checkpoint,
+                                              save_distributed_checkpoint)
 from lomdm_dist.parallel.evaluate import distributed_validation_nelbo
 from lomdm_dist.train.ema import EMA
 from lomdm_dist.train.optimizer import build_optimizer, set_learning_rate
@@ -27,8 +28,8 @@ def _train(pm, optimizer, ema, cfg, steps: range) -> list[float]:
         x, valid = data[step]
         set_learning_rate(optimizer, step, cfg.optim.warmup_steps)
         optimizer.zero_grad(set_to_none=True)
-        out = forward_backward(pm, scheduler, x[rows], cfg=cfg.diffusion, seed=SEED, step=step, rows=rows,
-                               global_batch=BATCH, valid=valid[rows])
+        out = forward_backward(pm, scheduler, x[rows], StepSpec(seed=SEED, step=step, rows=rows, global_batch=BATCH),
+                               cfg=cfg.diffusion, valid=valid[rows])
         clip_grad_norm_(pm.parameters(), cfg.optim.grad_clip, pm.pp_group)
         optimizer.step()
         ema.update(pm.model)

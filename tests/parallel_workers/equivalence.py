@@ -6,6 +6,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from parallel_common import BATCH, SEED, STEPS, batches, full, make_config, make_model, reference_run
+from lomdm_dist.diffusion.objective import StepSpec
 from lomdm_dist.diffusion.schedulers import build_scheduler
 from lomdm_dist.parallel import (ParallelConfig, build_mesh, clip_grad_norm_, forward_backward, global_loss_values,
                                  local_rows, parallelize_model, seed_dropout)
@@ -54,8 +55,8 @@ def run_layout(name: str, world_size: int) -> dict:
     for step, (x, valid) in enumerate(batches(steps)):
         set_learning_rate(optimizer, step, cfg.optim.warmup_steps)
         optimizer.zero_grad(set_to_none=True)
-        out = forward_backward(pm, scheduler, x[rows], cfg=cfg.diffusion, seed=SEED, step=step, rows=rows,
-                               global_batch=BATCH, valid=valid[rows])
+        out = forward_backward(pm, scheduler, x[rows], StepSpec(seed=SEED, step=step, rows=rows, global_batch=BATCH),
+                               cfg=cfg.diffusion, valid=valid[rows])
         if step == 0:
             record["grads"] = {n: full(p.grad) for n, p in pm.named_parameters()}
             record["row_nelbo"] = out.row_nelbo.clone()
@@ -85,8 +86,9 @@ def run_dropout(layout: str, world_size: int) -> dict:
     seed = seed_dropout(SEED, mesh, par.sequence_parallel)
     x, valid = batches(1)[0]
     rows = local_rows(mesh, BATCH)
-    out = forward_backward(pm, build_scheduler(cfg.diffusion), x[rows], cfg=cfg.diffusion, seed=SEED, step=0,
-                           rows=rows, global_batch=BATCH, valid=valid[rows])
+    out = forward_backward(pm, build_scheduler(cfg.diffusion), x[rows],
+                           StepSpec(seed=SEED, step=0, rows=rows, global_batch=BATCH), cfg=cfg.diffusion,
+                           valid=valid[rows])
     grad = dict(pm.named_parameters())["backbone.blocks.1.norm2.weight"].grad
     return {"seed": seed, "loss": out.loss.item(), "norm_grad": full(grad),
             "reference": cached_reference("mdlm", 1)["losses"][0]}

@@ -11,14 +11,9 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from lomdm_dist.train.__main__ import main  # noqa: E402
-from lomdm_dist.train.trainer import Trainer  # noqa: E402
+from lomdm_dist.train.__main__ import main
+from lomdm_dist.train.trainer import Trainer
 
 FAIL_RANK = int(os.environ.get("FAIL_RANK", "1"))
 FAIL_AT_STEP = int(os.environ.get("FAIL_AT_STEP", "1"))

@@ -12,11 +12,23 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from lomdm_dist.config import Config, DataConfig, DiffusionConfig, ModelConfig, OptimConfig
-from lomdm_dist.diffusion.objective import diffusion_loss
+from lomdm_dist.diffusion.objective import StepSpec, diffusion_loss
 from lomdm_dist.diffusion.schedulers import build_scheduler
-from lomdm_dist.model import build_model
+from lomdm_dist.model import ParamInit, build_model, init_plan
 from lomdm_dist.train.ema import EMA
 from lomdm_dist.train.optimizer import build_optimizer, set_learning_rate
+
+# The meta-initialisation and 3-D layout tests (``meta_init.py``, ``test_layout_3d.py``).
+INIT_SEED = 11
+PERTURB_SEED = 12
+N_LAYERS = 2            # one block per pipeline stage
+SAVE_AT = 1             # A saves after step 0; step 1 is the first step after a resume
+
+
+def perturb_plan(model: torch.nn.Module) -> dict[str, ParamInit]:
+    """Uniform values in +-0.5 for the zero-initialised parameters ``model`` holds, so that no
+    gradient of a layout test is trivially zero."""
+    return {name: ParamInit("uniform", 0.5) for name, spec in init_plan(model).items() if spec.kind == "zeros"}
 
 VOCAB = 61          # odd: the vocabulary splits unevenly over two tensor-parallel ranks (31 + 30)
 SEQ_LEN = 16
@@ -81,8 +93,8 @@ def single_process_steps(cfg: Config, model: torch.nn.Module, optimizer, ema: EM
         x, valid = data[step]
         set_learning_rate(optimizer, step, cfg.optim.warmup_steps)
         optimizer.zero_grad(set_to_none=True)
-        out = diffusion_loss(model, scheduler, x, cfg=cfg.diffusion, seed=SEED, step=step, rows=torch.arange(BATCH),
-                             global_batch=BATCH, valid=valid)
+        out = diffusion_loss(model, scheduler, x, StepSpec(seed=SEED, step=step, rows=torch.arange(BATCH),
+                                                            global_batch=BATCH), cfg=cfg.diffusion, valid=valid)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
@@ -103,8 +115,8 @@ def reference_run(cfg: Config, model: torch.nn.Module, steps: int = STEPS) -> di
     for step, (x, valid) in enumerate(batches(steps)):
         set_learning_rate(optimizer, step, cfg.optim.warmup_steps)
         optimizer.zero_grad(set_to_none=True)
-        out = diffusion_loss(model, scheduler, x, cfg=cfg.diffusion, seed=SEED, step=step, rows=rows,
-                             global_batch=BATCH, valid=valid)
+        out = diffusion_loss(model, scheduler, x, StepSpec(seed=SEED, step=step, rows=rows, global_batch=BATCH),
+                             cfg=cfg.diffusion, valid=valid)
         out.loss.backward()
         if step == 0:
             record["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}

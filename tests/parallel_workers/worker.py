@@ -4,6 +4,8 @@ usage: worker.py OUT_DIR TASK [TASK ...]
   layout=NAME                      equivalence of a layout with one process (see equivalence.LAYOUTS)
   dropout=LAYOUT                   one step with dropout on (see equivalence.run_dropout)
   checkpoint=IN_CKPT,RUN_DIR       DCP resharding (see checkpointing.run_checkpoint)
+  meta=LAYOUT                      a meta-device model materialised in a layout (see meta_init.run_meta)
+  layout3d=CKPT_DIR                the 3-D layouts on 8 ranks (see meta_init.run_layout_3d)
 One spawn serves many tasks: starting the processes costs more than a toy step.
 """
 
@@ -30,6 +32,12 @@ def main() -> None:
         elif kind == "dropout":
             from equivalence import run_dropout
             results[f"dropout-{arg}"] = run_dropout(arg, world_size)
+        elif kind == "meta":
+            from meta_init import run_meta
+            results[f"meta-{arg}"] = run_meta(arg, world_size)
+        elif kind == "layout3d":
+            from meta_init import run_layout_3d
+            results["layout3d"] = run_layout_3d(world_size, arg)
         elif kind == "checkpoint":
             from checkpointing import run_checkpoint
             source, run_dir = arg.split(",")

@@ -1,4 +1,4 @@
-"""Atomic, verifiable checkpoints under ``run.dir/checkpoints/step-XXXXXXXX``: the protocol.
+"""The on-disk protocol of a checkpoint directory: names, the ``COMPLETE`` marker, atomic rename.
 
 Write protocol (a crash or SIGKILL at any point leaves every earlier checkpoint intact):
 1. write every file into ``checkpoints/.tmp-step-XXXXXXXX-<token>/`` (:func:`begin_checkpoint`
@@ -9,18 +9,9 @@ Write protocol (a crash or SIGKILL at any point leaves every earlier checkpoint 
 4. delete the oldest complete checkpoints beyond ``keep`` (steps 2-4: :func:`complete_checkpoint`).
 
 A directory counts only if it has the marker; loading re-hashes every file, so a checkpoint that was
-damaged after it was written gives a clear error instead of a silently wrong resume.
-
-What goes into the directory is written by ``lomdm_dist.parallel.checkpoint`` (the same format for
-one process and for any layout): the training state as a Distributed Checkpoint under ``state/``
-(model, EMA and optimizer, sharded and reshardable), the data-loader state of each data-parallel
-slice under ``data/``, each rank's RNG state under ``ranks/``, ``trainer.pt`` (step, counters),
-``config.yaml`` and ``meta.json``. The weights are stored once, in ``state/``: a second, consolidated
-copy would double every checkpoint's size. :func:`load_checkpoint` (full tensors by name) and
-:func:`load_inference_model` (a ready model) assemble them from the shards in one process, whatever
-layout wrote them. For tools that want plain files, :func:`export_safetensors` (``python -m
-lomdm_dist.train.export``) writes ``model.safetensors`` / ``ema.safetensors`` on demand, and
-``train.export_safetensors=true`` makes the trainer write them into every checkpoint.
+damaged after it was written gives a clear error instead of a silently wrong resume. What goes
+into the directory between steps 1 and 2 is ``distributed.py``'s (see the package docstring).
+Plain files only: nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -33,9 +24,11 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 MARKER = "COMPLETE"
+STATE_DIR = "state"
+"""The Distributed Checkpoint of model, EMA and optimizer, inside a checkpoint directory."""
+DCP_FORMAT = "dcp"
+"""``meta.json``'s ``format`` of a checkpoint whose state is a Distributed Checkpoint."""
 WEIGHTS_FILE = "model.safetensors"
 EMA_WEIGHTS_FILE = "ema.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
@@ -146,18 +139,6 @@ def complete_checkpoint(tmp: Path, step: int, *, keep: int) -> Path:
     return final
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict[str, torch.Tensor],
-                    ema_state: dict[str, torch.Tensor] | None, trainer_state: dict, config_yaml: str,
-                    meta: dict, keep: int, export_weights: bool = False) -> Path:
-    """A one-process checkpoint from plain state dicts (full tensors by name), in the format the
-    trainer writes, e.g. to package weights trained elsewhere; it loads into any layout."""
-    from ..parallel.checkpoint import write_checkpoint
-
-    state = {"model": dict(model_state), **({"ema": dict(ema_state)} if ema_state is not None else {})}
-    return write_checkpoint(run_dir, step, state, trainer_state=trainer_state, config_yaml=config_yaml, meta=meta,
-                            keep=keep, export_weights=export_weights)
-
-
 def verify_checkpoint(ckpt: Path) -> dict:
     """Check the marker and every file's hash; returns the marker's content."""
     marker = ckpt / MARKER
@@ -181,81 +162,3 @@ def read_meta(ckpt: Path) -> dict:
         return json.loads((ckpt / "meta.json").read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {ckpt}: unreadable meta.json ({err})") from None
-
-
-def load_checkpoint(ckpt: str | os.PathLike, *, verify: bool = True) -> dict:
-    """The consolidated view of a checkpoint, in memory: full model and EMA weights by name (EMA
-    None when absent), assembled from the Distributed Checkpoint shards in this one process, the
-    trainer state, the config text and meta."""
-    from ..parallel.checkpoint import STATE_DIR, full_tensors, saved_parts
-
-    ckpt = resolve_checkpoint(ckpt)
-    if verify:
-        verify_checkpoint(ckpt)
-    try:
-        parts = saved_parts(ckpt / STATE_DIR)
-        out = {
-            "path": ckpt,
-            "model": full_tensors(ckpt / STATE_DIR, "model"),
-            "ema": full_tensors(ckpt / STATE_DIR, "ema") if "ema" in parts else None,
-            "trainer": torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True),
-            "config_yaml": (ckpt / "config.yaml").read_text(),
-            "meta": json.loads((ckpt / "meta.json").read_text()),
-        }
-    except Exception as err:  # DCP / pickle / json errors all mean the same to a user
-        raise CheckpointError(f"checkpoint {ckpt} cannot be read: {type(err).__name__}: {err}") from None
-    return out
-
-
-def export_safetensors(ckpt: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Write ``model.safetensors`` (and ``ema.safetensors`` when the checkpoint has an EMA) for a
-    checkpoint or a run directory's latest one; returns the files.
-
-    ``out_dir`` defaults to the checkpoint directory itself (the files are not part of its
-    ``COMPLETE`` marker, so the checkpoint stays valid, and pruning removes them with it). The
-    checkpoint is verified first, so a damaged one is not exported.
-    """
-    from ..parallel.checkpoint import export_consolidated
-
-    ckpt = resolve_checkpoint(ckpt)
-    verify_checkpoint(ckpt)
-    out = Path(out_dir) if out_dir is not None else ckpt
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        return export_consolidated(ckpt, out)
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"checkpoint {ckpt} cannot be exported: {type(err).__name__}: {err}") from None
-
-
-def load_inference_model(ckpt: str, *, use_ema: bool = True, device: str = "cpu"):
-    """(config, model in eval mode, scheduler) from a checkpoint or run directory, in one process.
-
-    The weights come from the sharded training state, whatever layout wrote it (the engine's
-    loader reshards it into this plain model).
-    """
-    import tempfile
-
-    from ..config import load_config
-    from ..diffusion.schedulers import build_scheduler
-    from ..model import build_model
-    from ..parallel.checkpoint import STATE_DIR, load_distributed_checkpoint, saved_parts
-
-    path = resolve_checkpoint(ckpt)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write((path / "config.yaml").read_text())
-        config_path = f.name
-    try:
-        cfg = load_config(config_path)
-    finally:
-        os.unlink(config_path)
-    model = build_model(cfg.model, cfg.diffusion, int(read_meta(path)["vocab_size"]))
-    params = dict(model.named_parameters())
-    has_ema = use_ema and "ema" in saved_parts(path / STATE_DIR)
-    shadow = {name: torch.empty_like(p, dtype=torch.float32) for name, p in params.items()} if has_ema else None
-    load_distributed_checkpoint(path, model=model, ema_shadow=shadow)
-    if shadow is not None:
-        with torch.no_grad():
-            for name, value in shadow.items():
-                params[name].copy_(value)
-    model.to(device).eval()
-    return cfg, model, build_scheduler(cfg.diffusion)

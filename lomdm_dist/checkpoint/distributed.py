@@ -1,26 +1,17 @@
-"""Sharded, reshardable checkpoints through Distributed Checkpoint (DCP): one format for every layout.
+"""Writing and loading a checkpoint's state with every rank, through Distributed Checkpoint (DCP).
 
 Every rank writes its own shards of the model, the EMA and the optimizer state into ``state/``;
 DCP's metadata records which global slice each shard is, so the checkpoint loads into any other
-layout (TP/PP/FSDP sizes, or one process without a process group): the target model's own
-DTensors say which slices each rank reads. Keys are parameter names (``model.<name>``,
-``ema.<name>``, the optimizer flattened per parameter name), never positions.
-
-Directory, marker and atomic rename are the protocol of ``lomdm_dist.train.checkpoint``:
+layout: the target model's own DTensors say which slices each rank reads. One process is the
+same code without a process group. The directory, marker and rename are ``protocol.py``'s:
 
 1. rank 0 makes ``checkpoints/.tmp-step-XXXXXXXX-<token>`` and shares its path; every rank writes
    its DCP shards and its RNG state (``ranks/rank<r>-of-<world>.pt``); each data-parallel slice's
    first rank adds the slice's data-loader state (``data/dp<i>-of-<n>.pt``);
 2. after a barrier rank 0 writes ``trainer.pt``, ``config.yaml`` and ``meta.json`` (step, layout),
-   then hashes everything into the ``COMPLETE`` marker, renames and prunes; a final barrier lets
-   no rank run ahead of the rename.
-
-The weights are stored once, in the shards: every reader (resume, ``load_inference_model``,
-``load_checkpoint``, the tools) assembles full tensors from them in one process
-(:func:`full_tensors`). A consolidated ``model.safetensors`` / ``ema.safetensors`` copy, for tools
-outside this code base, is written only on request (``export_weights=True``, the trainer's
-``train.export_safetensors``; read back from the shards, so the layout does not matter) or
-afterwards with ``python -m lomdm_dist.train.export``.
+   optionally the consolidated safetensors copy of the weights (``export_weights``, the trainer's
+   ``train.export_safetensors``; see ``export.py``), then hashes everything into the ``COMPLETE``
+   marker, renames and prunes; a final barrier lets no rank run ahead of the rename.
 
 ``async_save`` (worth it on GPU) returns a :class:`PendingCheckpoint` whose ``finish()`` waits for
 the background write and then runs step 2; until then the directory is not complete.
@@ -28,10 +19,8 @@ the background write and then runs step 2; until then the directory is not compl
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import warnings
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,21 +29,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from ..train.checkpoint import (EMA_WEIGHTS_FILE, WEIGHTS_FILE, CheckpointError, begin_checkpoint,
-                                complete_checkpoint, read_meta, resolve_checkpoint, verify_checkpoint)
+from .export import export_consolidated
+from .protocol import (DCP_FORMAT, STATE_DIR, CheckpointError, begin_checkpoint, complete_checkpoint, read_meta,
+                       resolve_checkpoint, verify_checkpoint)
+from .shards import single_process_quiet
 
 _OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-DCP_FORMAT = "dcp"
-STATE_DIR = "state"
 
 
 def _distributed() -> bool:
@@ -83,14 +69,6 @@ def _from_rank0(value: Any) -> Any:
     return box[0]
 
 
-@contextlib.contextmanager
-def _single_process_quiet():
-    """DCP warns that it assumes one process when it is told not to communicate; here that is the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                    ema_shadow: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """The DCP state dict of this rank: its model part, EMA shadows and optimizer state, by name."""
@@ -111,49 +89,6 @@ class CheckpointLayout:
     pp: int = 1
     dp_replicate: int = 1
     dp_shard: int = 1
-
-
-def full_tensors(state_dir: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """Every tensor saved under ``prefix`` (``model`` or ``ema``) as a full CPU tensor, whatever the
-    layout that wrote the shards (one process, no collectives)."""
-    reader = FileSystemReader(str(state_dir))
-    metadata = reader.read_metadata().state_dict_metadata
-    start = prefix + "."
-    template = {key[len(start):]: torch.empty(item.size, dtype=item.properties.dtype)
-                for key, item in metadata.items()
-                if key.startswith(start) and isinstance(item, TensorStorageMetadata)}
-    if template:
-        with _single_process_quiet():
-            dcp.load({prefix: template}, storage_reader=reader, no_dist=True)
-    return template
-
-
-def saved_parts(state_dir: Path) -> set[str]:
-    """The top-level parts of a saved state (``model``, ``ema``, ``optimizer``), from DCP's metadata alone."""
-    try:
-        metadata = FileSystemReader(str(state_dir)).read_metadata().state_dict_metadata
-    except Exception as err:  # a missing or damaged .metadata file: name the directory, not DCP's internals
-        raise CheckpointError(f"{state_dir}: unreadable Distributed Checkpoint metadata "
-                              f"({type(err).__name__}: {err})") from None
-    return {key.split(".", 1)[0] for key in metadata}
-
-
-def export_consolidated(ckpt: Path, out_dir: Path) -> list[Path]:
-    """Write the consolidated ``model.safetensors`` (and ``ema.safetensors`` when an EMA was saved)
-    of the shards of checkpoint directory ``ckpt`` into ``out_dir``; returns the files written.
-
-    Each file is written under a temporary name and renamed, so a reader never sees half a file.
-    """
-    written = []
-    for prefix, name in (("model", WEIGHTS_FILE), ("ema", EMA_WEIGHTS_FILE)):
-        tensors = full_tensors(ckpt / STATE_DIR, prefix)
-        if tensors:
-            target = out_dir / name
-            tmp = out_dir / f".{name}.{os.getpid()}.tmp"
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-            os.replace(tmp, target)
-            written.append(target)
-    return written
 
 
 @dataclass
@@ -239,14 +174,24 @@ def write_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any
     completion = _Completion(tmp, step, trainer_state, config_yaml, full_meta, keep, export_weights)
     writer = tmp / STATE_DIR
     if async_save:
-        with _single_process_quiet():
+        with single_process_quiet():
             future = dcp.async_save(state, checkpoint_id=str(writer), no_dist=not _distributed())
         if not isinstance(future, Future):  # AsyncSaveResponse in newer releases
             future = future.upload_completion
         return PendingCheckpoint(future, completion)
-    with _single_process_quiet():
+    with single_process_quiet():
         dcp.save(state, checkpoint_id=str(writer), no_dist=not _distributed())
     return completion.run()
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict[str, torch.Tensor],
+                    ema_state: dict[str, torch.Tensor] | None, trainer_state: dict, config_yaml: str,
+                    meta: dict, keep: int, export_weights: bool = False) -> Path:
+    """A one-process checkpoint from plain state dicts (full tensors by name), in the format the
+    trainer writes, e.g. to package weights trained elsewhere; it loads into any layout."""
+    state = {"model": dict(model_state), **({"ema": dict(ema_state)} if ema_state is not None else {})}
+    return write_checkpoint(run_dir, step, state, trainer_state=trainer_state, config_yaml=config_yaml, meta=meta,
+                            keep=keep, export_weights=export_weights)
 
 
 def _first_error(failure: Any) -> str:
@@ -312,7 +257,7 @@ def load_distributed_checkpoint(path: str | os.PathLike, *, model: nn.Module,
                               f"{meta.get('format')!r}); it was written by an older version of this code")
     state = training_state(model, optimizer, ema_shadow)
     try:
-        with _single_process_quiet():
+        with single_process_quiet():
             dcp.load(state, checkpoint_id=str(ckpt / STATE_DIR), no_dist=not _distributed())
     except CheckpointException as err:  # a BaseException carrying each failing rank's error
         failures = "; ".join(f"rank {rank}: {_first_error(exc)}" for rank, exc in sorted(err.failures.items()))
