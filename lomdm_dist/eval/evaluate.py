@@ -309,15 +309,17 @@ def run_evaluation(request: EvalRequest, env=None) -> EvalReport:
 
 def format_table(report: EvalReport) -> str:
     """The papers' table (data set, tokens, perplexity) with the bound's parts and its error."""
-    head = (f"{'dataset':<14}{'split':<12}{'rows':>8}{'tokens':>11}{'NELBO/tok':>11}{'SE':>9}{'L_main':>9}"
+    names = [("/".join(Path(r.dataset).parts[-3:-1]) if os.sep in r.dataset else r.dataset)   # a manifest's folders
+             for r in report.results]
+    width = max([len("dataset"), *map(len, names)]) + 2
+    head = (f"{'dataset':<{width}}{'split':<12}{'rows':>8}{'tokens':>11}{'NELBO/tok':>11}{'SE':>9}{'L_main':>9}"
             f"{'L_velocity':>12}{'PPL <=':>11}")
     lines = [f"checkpoint {report.checkpoint} (step {report.step}, {report.weights} weights, scheduler "
              f"{report.scheduler}, {report.time_sampling} t, {report.t_samples} t-sample"
              f"{'s' if report.t_samples != 1 else ''}/row, seed {report.seed}, {report.world_size} process"
              f"{'es' if report.world_size != 1 else ''})", head]
-    for r in report.results:
-        name = "/".join(Path(r.dataset).parts[-3:-1]) if os.sep in r.dataset else r.dataset   # a manifest's folders
+    for name, r in zip(names, report.results):
         ppl = f"{r.ppl:.2f}" if math.isfinite(r.ppl) and r.ppl < 1e9 else f"{r.ppl:.3g}"
-        lines.append(f"{name[:13]:<14}{r.split:<12}{r.rows:>8}{r.tokens:>11}{r.nelbo:>11.4f}{r.nelbo_se:>9.4f}"
+        lines.append(f"{name:<{width}}{r.split:<12}{r.rows:>8}{r.tokens:>11}{r.nelbo:>11.4f}{r.nelbo_se:>9.4f}"
                      f"{r.l_main:>9.4f}{r.l_velocity:>12.5f}{ppl:>11}")
     return "\n".join(lines)

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config.schema import Config, ConfigError
+from ..config.errors import ConfigError
+from ..config.schema import Config
 from ..parallel.config import ParallelConfig
 from ..parallel.flops import PEAK_FLOPS, StepFlops, config_step_flops
 from ..parallel.layout import validate_layout

@@ -190,7 +190,9 @@ class Trainer:
         print0(f"model: {self.n_params / 1e6:.2f}M parameters, vocab {self.vocab_size}, scheduler "
                f"{cfg.diffusion.scheduler}, {self.world_size} process(es) on {self.device.type} "
                f"(tp {par.tp}, pp {par.pp}, dp_shard {par.dp_shard}, dp_replicate {par.dp_replicate}), "
-               f"peak host memory {peak_host_memory_bytes() / 2**30:.2f} GiB on rank 0"
+               f"peak host memory {peak_host_memory_bytes() / 2**30:.2f} GiB"
+               + (f", peak device memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+                  if self.device.type == "cuda" else "") + " on rank 0"
                + (f", resumed from {resumed_from}" if resumed_from else ""), rank=self.rank)
         if resumed_from and config_changes:
             print0(config_history.describe_changes(config_changes, resumed_from, self.step)
