@@ -72,7 +72,7 @@ def detect_source(path: Path) -> str:
             if json.loads(config.read_text()).get("format") == FORMAT:
                 return "consolidated"
         except (OSError, ValueError, AttributeError):
-            pass
+            pass                    # an unreadable or foreign config.json: the file is not ours, so MDLM's
     return "mdlm"
 
 

@@ -43,7 +43,7 @@ class _Opaque:
         return obj
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
+        pass                        # inert on purpose: unpickling must run nothing of the file's classes
 
     def __setstate__(self, state: Any) -> None:
         self.__dict__["_state"] = state
