@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,18 @@ def test_integers_and_strings_keep_their_meaning(tmp_path):
         load_config(SMOKE, ["train.max_steps=1e-3"])
     with pytest.raises(ConfigError, match=r"^optim.lr must be a number, got '1e-3x'$"):
         load_config(SMOKE, ["optim.lr=1e-3x"])
+
+
+@pytest.mark.parametrize("written", [".nan", ".NaN", ".inf", "-.Inf", "1e400"])
+def test_non_finite_floats_are_rejected_naming_the_key(tmp_path, written):
+    """Range checks such as ``lr <= 0`` are False for NaN, so NaN would pass them: refuse it (and
+    infinities, also 1e400, which overflows to inf) wherever a float key is read."""
+    with pytest.raises(ConfigError, match=rf"^optim.weight_decay must be a finite number, got '{re.escape(written)}'$"):
+        load_config(SMOKE, [f"optim.weight_decay={written}"])
+    path = tmp_path / "c.yaml"
+    path.write_text(f"optim:\n  betas: [0.9, {written}]\n")
+    with pytest.raises(ConfigError, match=r"^optim.betas\[1\] must be a finite number"):
+        load_config(path)
 
 
 def test_saved_config_reads_back_equal(tmp_path):

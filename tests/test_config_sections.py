@@ -31,6 +31,8 @@ BAD_SECTIONS = [
     (DiffusionConfig(scheduler="poly", c1=0.0), "diffusion.c1 .* must be positive"),
     (DiffusionConfig(scheduler="mdlm", t_eps=1.0), r"diffusion.t_eps must be in \(0, 1\)"),
     (DiffusionConfig(block_size=0), "diffusion.block_size must be positive"),
+    (DiffusionConfig(is_power=-0.01), r"diffusion.is_power must be >= 0 .*got -0.01"),   # not read as 0 ("auto")
+    (DiffusionConfig(scheduler="mdlm", time_sampling="importance", is_power=-1.0), "diffusion.is_power must be >= 0"),
     (OptimConfig(lr=0.0), "optim.lr must be positive"),
     (OptimConfig(betas=(0.9, 1.0)), r"optim.betas must lie in \[0, 1\)"),
     (TrainConfig(ckpt_every=0), "train.ckpt_every must be positive"),

@@ -113,6 +113,31 @@ def test_gen_ppl_matches_a_direct_computation_with_windows_and_eos_truncation(ju
     assert "gen-PPL" in out and "5 samples" in out
 
 
+def test_a_window_start_is_context_only_even_when_it_is_the_first_eos(judge_dir, tmp_path):
+    """Windows do not overlap, so the token starting each one is never scored: an EOS at index
+    CONTEXT starts a one-token window and is counted as context, not scored."""
+    path, model, vocab = judge_dir
+    sixteen = " ".join(WORDS[i % len(WORDS)] for i in range(CONTEXT))
+    records = [{"text": sixteen + " <eos> a b"},                          # EOS at index 16: window start
+               {"text": sixteen + " cat <eos> a"}]                        # EOS at index 17: scored
+    kept = [sixteen.split() + ["<eos>"], sixteen.split() + ["cat", "<eos>"]]
+    samples, out = tmp_path / "samples.jsonl", tmp_path / "gen_ppl.json"
+    _write(samples, records)
+    assert _load_tool().main(["--samples", str(samples), "--judge", str(path), "--device", "cpu",
+                              "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    got = report["samples"]
+    # By hand: 17 kept tokens are windows of 16 + 1 (15 scored, 2 context); 18 are 16 + 2 (16 scored).
+    assert [s["kept_tokens"] for s in got] == [17, 18]
+    assert [s["context_tokens"] for s in got] == [2, 2]
+    assert [s["tokens_scored"] for s in got] == [15, 16]
+    assert [s["eos_scored"] for s in got] == [False, True] and report["samples_eos_unscored"] == 1
+    per_token_rel = (N_LAYER * 4 * N_EMBD + len(vocab)) * EPS32
+    for s, words in zip(got, kept):
+        nll, count = _direct_nll(model, [vocab[w] for w in words])
+        assert s["tokens_scored"] == count and abs(s["nll_sum"] - nll) <= per_token_rel * max(nll, 1.0)
+
+
 def _exit_code(argv) -> int:
     with pytest.raises(SystemExit) as exc:
         _load_tool().main(argv)

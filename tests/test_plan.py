@@ -110,3 +110,31 @@ def test_cli_errors_name_the_key_and_say_how_much(capsys, tmp_path):
     assert main([str(ROOT / "configs" / "1b.yaml"), "data.batch_size=16384", "--json", str(out_json)]) == 1
     assert "GiB over" in capsys.readouterr().err
     assert out_json.is_file()
+
+
+@pytest.mark.parametrize("flags, named", [(["--nodes", "0"], "--nodes"), (["--gpus-per-node", "0"], "--gpus-per-node"),
+                                          (["--nodes", "-2", "--gpus-per-node", "8"], "--nodes")])
+def test_cli_rejects_non_positive_cluster_sizes(capsys, flags, named):
+    assert _cli()([str(ROOT / "configs" / "1b.yaml"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: {named} must be a positive integer")
+
+
+def test_cli_cluster_must_equal_the_layouts_world_size(capsys):
+    """1b.yaml with dp_shard=4 has 8 x 4 = 32 ranks and slurm.gpus_per_node 8: --nodes 2 means 2 x 8
+    = 16 GPUs, which plans neither that layout nor, silently, 2 x 16; matching 16 ranks takes
+    dp_replicate 16 / 4 = 4 or dp_shard 16 / 8 = 2."""
+    main, config = _cli(), str(ROOT / "configs" / "1b.yaml")
+    assert main([config, "parallel.dp_shard=4", "--nodes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--nodes (2) x slurm.gpus_per_node (8) = 16 GPUs" in err and "world size 32" in err
+    assert "parallel.dp_replicate=4 or parallel.dp_shard=2" in err
+    assert main([config, "parallel.dp_shard=4", "--nodes", "3"]) == 2        # 3 does not divide 32; 24 = 8 x 3 = 6 x 4
+    err = capsys.readouterr().err
+    assert "--nodes (3) does not divide" in err and "world size 32" in err
+    assert "parallel.dp_replicate=6 or parallel.dp_shard=3" in err
+    assert main([config, "parallel.dp_shard=4", "--gpus-per-node", "3"]) == 2
+    assert "--gpus-per-node (3) does not divide" in capsys.readouterr().err
+    for flags, cluster in ((["--nodes", "4"], "4 x 8 "), (["--nodes", "2", "--gpus-per-node", "16"], "2 x 16 ")):
+        assert main([config, "parallel.dp_shard=4", "--vocab-size", "50258", *flags]) == 0, flags
+        assert f"cluster {cluster}" in " ".join(capsys.readouterr().out.split())

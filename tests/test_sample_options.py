@@ -175,15 +175,20 @@ def _load_tool():
 def test_template_parsing():
     tool = _load_tool()
     encode = lambda text: [ord(ch) for ch in text]                      # one id per character
-    M = 1000
-    assert tool.given_ids(encode, M, 10, infill="ab[MASK:2]c[MASK]") == [97, 98, M, M, 99, M, M, M, M, M]
-    assert tool.given_ids(encode, M, 5, infill="[MASK]xy") == [M, 120, 121, M, M]
-    assert tool.given_ids(encode, M, 4, prefix="hi") == [104, 105, M, M]
-    assert tool.given_ids(encode, M, 4) is None
-    for kwargs, word in (({"prefix": "hello"}, "only 4"), ({"prefix": "abcd"}, "nothing left"),
-                         ({"infill": "a[MASK:0]b"}, "at least one"), ({"prefix": ""}, "empty")):
+    M, B = 1000, 7                                                      # mask id, BOS id
+    # The BOS is given at position 0 (training rows are [BOS] chunk [EOS]); the text follows it.
+    assert tool.given_ids(encode, M, 10, bos=B, infill="ab[MASK:2]c[MASK]") == [B, 97, 98, M, M, 99, M, M, M, M]
+    assert tool.given_ids(encode, M, 5, bos=B, infill="[MASK]xy") == [B, M, 120, 121, M]
+    assert tool.given_ids(encode, M, 4, bos=B, prefix="hi") == [B, 104, 105, M]
+    assert tool.given_ids(encode, M, 4, bos=None, prefix="hi") == [104, 105, M, M]    # a tokenizer without BOS
+    assert tool.given_ids(encode, M, 4, bos=B) is None
+    for kwargs, word in (({"prefix": "hello"}, "only 4"), ({"prefix": "abc"}, "nothing left"),
+                         ({"prefix": "abcd"}, "takes 5 positions with the BOS"),
+                         ({"infill": "a[MASK:0]b"}, "at least one"), ({"prefix": ""}, "empty"),
+                         # Checked before the span is built: no 10^11-entry list, no MemoryError.
+                         ({"infill": "a[MASK:99999999999]"}, "takes 100000000001 positions")):
         with pytest.raises(ValueError, match=word):
-            tool.given_ids(encode, M, 4, **kwargs)
+            tool.given_ids(encode, M, 4, bos=B, **kwargs)
 
 
 def test_order_png_marks_given_positions():
@@ -219,8 +224,9 @@ def test_tool_prefix_infill_top_p_and_order_png(tmp_path, capsys):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     head = tok.encode("Hello world")
     for rec in lines:
-        assert rec["tokens"][:len(head)] == head and rec["order"][:len(head)] == [-1] * len(head)
-        assert all(0 <= o <= 6 for o in rec["order"][len(head):])
+        assert rec["tokens"][0] == tok.bos and rec["tokens"][1:1 + len(head)] == head
+        assert rec["order"][:1 + len(head)] == [-1] * (1 + len(head))
+        assert all(0 <= o <= 6 for o in rec["order"][1 + len(head):])
         assert rec["provenance"]["prefix"] == "Hello world" and rec["provenance"]["infill"] is None
         assert rec["provenance"]["top_p"] == 0.9
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -230,8 +236,9 @@ def test_tool_prefix_infill_top_p_and_order_png(tmp_path, capsys):
     left, right = tok.encode("The cat"), tok.encode(" on the mat")
     for rec in (json.loads(line) for line in out.read_text().splitlines()):
         tokens, order = rec["tokens"], rec["order"]
-        assert tokens[:len(left)] == left and tokens[len(left) + 2:len(left) + 2 + len(right)] == right
-        given = [True] * len(left) + [False] * 2 + [True] * len(right)
+        assert tokens[0] == tok.bos and tokens[1:1 + len(left)] == left
+        assert tokens[1 + len(left) + 2:1 + len(left) + 2 + len(right)] == right
+        given = [True] * (1 + len(left)) + [False] * 2 + [True] * len(right)
         given += [False] * (12 - len(given))
         assert [o == -1 for o in order] == given
         assert rec["provenance"]["infill"] == template and rec["provenance"]["top_p"] == 1.0
@@ -239,7 +246,8 @@ def test_tool_prefix_infill_top_p_and_order_png(tmp_path, capsys):
 
     for argv, word in ((["--prefix", "word " * 20], "only 12"), (["--top-p", "0"], "--top-p"),
                        (["--prefix", "a", "--infill", "b[MASK]"], "not allowed"),
-                       (["--prefix-file", str(tmp_path / "none.txt")], "none.txt")):
+                       (["--prefix-file", str(tmp_path / "none.txt")], "none.txt"),
+                       (["--infill", "[MASK:99999999999]"], "only 12")):
         with pytest.raises(SystemExit) as exc:
             tool.main(base + ["--out", str(out)] + argv)
         assert exc.value.code == 2 and word in capsys.readouterr().err

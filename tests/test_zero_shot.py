@@ -108,6 +108,23 @@ def test_wrap_layout_matches_a_hand_written_one():
     assert padded.tolist() == [[1, 5, 6, 2, 0], [1, 7, 8, 9, 2]]
 
 
+def test_wrap_drops_a_partial_chunk_per_group_of_documents_as_mdlm():
+    """MDLM wraps each datasets.map batch (1,000 documents) on its own, dropping each batch's tail."""
+    assert zero_shot.MDLM_GROUP_DOCUMENTS == 1000
+    docs = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14], [15]]
+    # Groups of 2 documents, bodies of 3 tokens (seq_len 5), EOS = 2 after each document:
+    #   [5 6 7 2 8 2]   -> [5 6 7] [2 8 2]          (nothing dropped)
+    #   [9 10 2 11 12 13 14 2] -> [9 10 2] [11 12 13]  (drops 14 2)
+    #   [15 2]          -> no row                    (drops 15 2)
+    rows = zero_shot.layout_rows(docs, seq_len=5, bos=1, eos=2, pad=None, group_documents=2)
+    assert rows.tolist() == [[1, 5, 6, 7, 2], [1, 2, 8, 2, 2], [1, 9, 10, 2, 2], [1, 11, 12, 13, 2]]
+    # One group of all five: a stream of 16 tokens makes 5 rows (only the final 2 dropped).
+    assert len(zero_shot.layout_rows(docs, seq_len=5, bos=1, eos=2, pad=None, group_documents=5)) == 5
+    # Without document EOS: groups [5 6 7 8] -> [5 6 7]; [9 10 11 12 13 14] -> two rows; [15] -> none.
+    no_eos = zero_shot.layout_rows(docs, seq_len=5, bos=1, eos=2, pad=None, doc_eos=False, group_documents=2)
+    assert no_eos.tolist() == [[1, 5, 6, 7, 2], [1, 9, 10, 11, 2], [1, 12, 13, 14, 2]]
+
+
 def test_bad_names_and_missing_copies_are_errors_naming_them(tmp_path):
     with pytest.raises(zero_shot.ZeroShotError, match="'ptbx'"):
         zero_shot.resolve_corpora("ptb,ptbx")

@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gen-PPL {_fmt(report.gen_ppl)} (token-weighted), mean per-sample gen-PPL "
           f"{_fmt(report.mean_sample_gen_ppl)}, mean unigram entropy {report.mean_entropy:.3f} nats, "
           f"{report.num_samples} samples, {report.tokens_scored} tokens scored under {args.judge} "
-          f"(windows of {report.context}; {report.samples_truncated_at_eos} samples cut at their first EOS)")
+          f"(windows of {report.context}; {report.samples_truncated_at_eos} samples cut at their first EOS, "
+          f"{report.samples_eos_unscored} of them with that EOS starting a window, so context only)")
     return 0
 
 

@@ -6,8 +6,12 @@
 
 The plan prints parameters, FLOPs per step by pass, memory per GPU (model state, activations,
 transients) for the layout in ``parallel.*``, the largest per-GPU batch that fits, and step time
-and tokens per day at the given MFU. The cluster defaults to the config's ``slurm`` section when
-its GPU count matches the layout, else to one node with as many GPUs as the layout has ranks.
+and tokens per day at the given MFU. The cluster's GPU count must equal the layout's world size
+(the product of ``parallel.*``); it defaults to the config's ``slurm`` section when that matches,
+else to one node with as many GPUs as the layout has ranks. ``--nodes`` alone takes GPUs per node
+from ``slurm.gpus_per_node``; ``--gpus-per-node`` alone takes as many nodes as the layout needs. A
+cluster that does not match is an error suggesting the ``parallel.dp_replicate=``/``dp_shard=``
+override that would.
 Exit status: 0 fits, 1 does not fit (the table says by how much), 2 config or usage error.
 
 ``--measure`` builds the config's model in one process, runs a training step on ``--rows`` random
@@ -31,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. parallel.tp=8")
-    p.add_argument("--nodes", type=int, default=None, help="nodes (default: the config's slurm.nodes when it fits)")
-    p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: slurm.gpus_per_node)")
+    p.add_argument("--nodes", type=int, default=None, help="nodes (default: the config's slurm.nodes when it matches the layout)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: slurm.gpus_per_node with --nodes, else what the layout needs)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU kind (memory and bf16 peak)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for step time (default 0.4)")
     p.add_argument("--reserve-gib", type=float, default=None,
@@ -46,15 +50,57 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _layout_product(par) -> str:
+    return (f"parallel.pp {par.pp} x parallel.dp_replicate {par.dp_replicate} x parallel.dp_shard {par.dp_shard} "
+            f"x parallel.tp {par.tp}")
+
+
+def _matching_overrides(par, gpus: int) -> str:
+    """The data-parallel overrides that would give the layout ``gpus`` ranks, as advice."""
+    options = []
+    for key, others in (("dp_replicate", par.pp * par.dp_shard * par.tp),
+                        ("dp_shard", par.pp * par.dp_replicate * par.tp)):
+        if gpus % others == 0:
+            options.append(f"parallel.{key}={gpus // others}")
+    if not options:
+        return f"no parallel.dp_replicate= or parallel.dp_shard= value gives {gpus} ranks with this parallel.tp and pp"
+    return f"to plan that cluster, override {' or '.join(options)}"
+
+
 def _cluster(cfg, nodes: int | None, gpus: int | None) -> tuple[int, int]:
-    world = cfg.parallel.world_size
+    """The cluster to plan: ``nodes`` x ``gpus`` must equal the layout's world size (the product of
+    ``parallel.*``), because the planner plans that layout, one rank per GPU.
+
+    Neither flag: the config's ``slurm`` section when it matches the layout, else one node with as
+    many GPUs as the layout has ranks. Only ``--nodes``: GPUs per node is ``slurm.gpus_per_node``
+    (a property of the machine, not something to stretch to fit). Only ``--gpus-per-node``: as many
+    nodes as the layout needs. Anything else is a ``ConfigError`` that names the flag and the
+    override that would match the requested cluster.
+    """
+    for flag, value in (("--nodes", nodes), ("--gpus-per-node", gpus)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {value}")
+    par = cfg.parallel
+    world = par.world_size
     if nodes is None and gpus is None:
         if cfg.slurm.nodes * cfg.slurm.gpus_per_node == world:
             return cfg.slurm.nodes, cfg.slurm.gpus_per_node
         return 1, world
+    layout = f"the layout's world size {world} ({_layout_product(par)})"
+    if nodes is None:
+        if world % gpus:
+            raise ConfigError(f"--gpus-per-node ({gpus}) does not divide {layout}; give --nodes as well to be "
+                              f"told the parallel.dp_replicate=/dp_shard= override that matches that cluster")
+        return world // gpus, gpus
+    gpus_source = "--gpus-per-node"
     if gpus is None:
-        gpus = cfg.slurm.gpus_per_node if nodes * cfg.slurm.gpus_per_node == world else max(1, world // nodes)
-    return (nodes if nodes is not None else max(1, world // gpus)), gpus
+        gpus, gpus_source = cfg.slurm.gpus_per_node, "slurm.gpus_per_node"
+    if nodes * gpus != world:
+        reason = (f"--nodes ({nodes}) does not divide {layout}" if world % nodes else
+                  f"--nodes ({nodes}) x {gpus_source} ({gpus}) = {nodes * gpus} GPUs does not equal {layout}")
+        raise ConfigError(f"{reason}; nodes x GPUs per node must equal the world size: "
+                          f"{_matching_overrides(par, nodes * gpus)}")
+    return nodes, gpus
 
 
 def _measure(cfg, args) -> int:

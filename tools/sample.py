@@ -18,13 +18,14 @@ one-line reason.
 
 Conditioning and sampling options:
 
-* ``--prefix TEXT`` / ``--prefix-file FILE``: the text's tokens are given (clamped) at the first
-  positions and the rest of the sequence is generated (one trailing newline of a file is dropped).
+* ``--prefix TEXT`` / ``--prefix-file FILE``: the tokenizer's BOS is given at position 0 (every
+  training row starts with one), the text's tokens are given (clamped) at the positions after it
+  and the rest of the sequence is generated (one trailing newline of a file is dropped).
 * ``--infill TEMPLATE`` / ``--infill-file FILE``: a template of text and mask spans, laid out from
-  position 0: ``[MASK]`` is one generated position, ``[MASK:N]`` is N of them, the text between them
-  is given, and the positions after the template's end are generated too. The pieces of text are
-  tokenised one by one, so write a word's leading space on the text side, as GPT-2 BPE attaches it
-  to the word: ``"The cat[MASK:3] on the mat."``.
+  position 1 after the BOS at position 0: ``[MASK]`` is one generated position, ``[MASK:N]`` is N
+  of them, the text between them is given, and the positions after the template's end are generated
+  too. The pieces of text are tokenised one by one, so write a word's leading space on the text
+  side, as GPT-2 BPE attaches it to the word: ``"The cat[MASK:3] on the mat."``.
 * ``--top-p P``: nucleus sampling, each token drawn from the smallest set of most probable tokens
   whose mass reaches P.
 * ``--order-png FILE``: a heat map per sample (the first ``--order-png-num``) of the step at which
@@ -58,10 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--t-min", type=float, default=None, help="last time of the grid (default: sample.t_min)")
     parser.add_argument("--seq-len", type=int, default=None, help="sample length (default: data.seq_len)")
     given = parser.add_mutually_exclusive_group()
-    given.add_argument("--prefix", default=None, help="text given at the first positions (the rest is generated)")
+    given.add_argument("--prefix", default=None,
+                       help="text given at positions 1.. after the tokenizer's BOS at position 0, as in training "
+                            "rows (the rest is generated)")
     given.add_argument("--prefix-file", default=None, help="file whose text is the prefix")
     given.add_argument("--infill", default=None,
-                       help="template: text given, [MASK] / [MASK:N] spans and the positions after it generated")
+                       help="template laid out after the tokenizer's BOS at position 0: text given, [MASK] / "
+                            "[MASK:N] spans and the positions after it generated")
     given.add_argument("--infill-file", default=None, help="file holding the infilling template")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1, off)")
     parser.add_argument("--order-png", default=None, help="write a heat map of each sample's unmasking order here")
@@ -73,33 +77,45 @@ MASK_SPAN = re.compile(r"\[MASK(?::(\d+))?\]")
 """An infilling span: ``[MASK]`` (one position) or ``[MASK:N]`` (N positions)."""
 
 
-def given_ids(encode, mask_id: int, seq_len: int, *, prefix: str | None = None,
+def given_ids(encode, mask_id: int, seq_len: int, *, bos: int | None, prefix: str | None = None,
               infill: str | None = None) -> list[int] | None:
     """The sampler's ``given`` row for a prefix or an infilling template: token ids where text is
     given, ``mask_id`` where a position is generated (the template's spans and everything after its
     end); None when neither is set. Raises ValueError when the text does not fit or leaves nothing
-    to generate."""
+    to generate.
+
+    Every training row is ``[BOS] chunk [EOS]`` (``data_pipeline.packing``), so the model has only
+    seen text start at position 1 after a BOS: ``bos`` (the tokenizer's, None if it has none) is
+    given at position 0 and the prefix or template follows it. It counts towards ``seq_len``.
+    """
     if prefix is None and infill is None:
         return None
     flag = "--prefix" if prefix is not None else "--infill"
-    row: list[int] = []
+    # Pieces are lists of given ids or counts of generated positions; the length is checked before
+    # any span is expanded, so a huge [MASK:N] is a usage error, not a MemoryError.
+    pieces: list[list[int] | int] = [[bos]] if bos is not None else []
     if prefix is not None:
         if not prefix:
             raise ValueError("--prefix: the prefix is empty")
-        row = list(encode(prefix))
+        pieces.append(list(encode(prefix)))
     else:
         position = 0
         for span in MASK_SPAN.finditer(infill):
-            row += encode(infill[position:span.start()]) if span.start() > position else []
+            if span.start() > position:
+                pieces.append(list(encode(infill[position:span.start()])))
             length = int(span.group(1)) if span.group(1) is not None else 1
             if length <= 0:
                 raise ValueError(f"--infill: a span {span.group(0)} must cover at least one position")
-            row += [mask_id] * length
+            pieces.append(length)
             position = span.end()
-        row += encode(infill[position:]) if position < len(infill) else []
-    if len(row) > seq_len:
-        raise ValueError(f"{flag}: the text takes {len(row)} positions but samples have only {seq_len} "
+        if position < len(infill):
+            pieces.append(list(encode(infill[position:])))
+    used = sum(piece if isinstance(piece, int) else len(piece) for piece in pieces)
+    if used > seq_len:
+        with_bos = " with the BOS at position 0" if bos is not None else ""
+        raise ValueError(f"{flag}: the text takes {used} positions{with_bos} but samples have only {seq_len} "
                          "(raise --seq-len or shorten it)")
+    row = [token for piece in pieces for token in ([mask_id] * piece if isinstance(piece, int) else piece)]
     row += [mask_id] * (seq_len - len(row))
     if mask_id not in row:
         raise ValueError(f"{flag}: the given text fills all {seq_len} positions: nothing left to generate")
@@ -212,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         "infill": args.infill if args.infill_file is None else _read_text_file(parser, "--infill-file", args.infill_file),
     }
     try:
-        given = given_ids(tokenizer.encode, model.mask_token_id, provenance["seq_len"], prefix=provenance["prefix"],
-                          infill=provenance["infill"])
+        given = given_ids(tokenizer.encode, model.mask_token_id, provenance["seq_len"], bos=tokenizer.bos,
+                          prefix=provenance["prefix"], infill=provenance["infill"])
     except ValueError as err:
         parser.error(str(err))
     start = time.perf_counter()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,8 +37,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from .export import export_consolidated
-from .protocol import (DCP_FORMAT, STATE_DIR, CheckpointError, begin_checkpoint, complete_checkpoint, read_meta,
-                       resolve_checkpoint, verify_checkpoint)
+from .protocol import (DCP_FORMAT, STATE_DIR, CheckpointError, begin_checkpoint, checkpoint_root, complete_checkpoint,
+                       read_meta, resolve_checkpoint, step_dir_name, verify_checkpoint)
 from .shards import single_process_quiet
 
 _OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -67,6 +68,26 @@ def _from_rank0(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _run_on_rank0(work: Callable[[], Any], failure: str) -> Any:
+    """``work()``'s result as rank 0 computes it, on every rank; if it raises, every rank raises.
+
+    Without this, an error on rank 0 alone (disk full, permissions, a failed export) would leave
+    the other ranks waiting in the broadcast until the collective timeout, and the job would die
+    with a timeout instead of the real error. ``failure`` starts the message (name the path).
+    """
+    outcome: tuple[bool, Any] | None = None
+    cause = None
+    if _rank() == 0:
+        try:
+            outcome = (True, work())
+        except Exception as err:  # any failure: the other ranks must hear of it, whatever it is
+            outcome, cause = (False, f"{type(err).__name__}: {err}"), err
+    ok, value = _from_rank0(outcome)
+    if not ok:
+        raise CheckpointError(f"{failure} (on rank 0): {value}") from cause
+    return value
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -105,19 +126,20 @@ class _Completion:
 
     def run(self) -> Path:
         _barrier()
-        final = None
-        if _rank() == 0:
-            if self.trainer_state is not None:
-                torch.save(self.trainer_state, self.tmp / "trainer.pt")
-            (self.tmp / "config.yaml").write_text(self.config_yaml)
-            meta = {**self.meta, "step": self.step, "format": DCP_FORMAT}
-            (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            if self.export_weights:
-                export_consolidated(self.tmp, self.tmp)
-            final = complete_checkpoint(self.tmp, self.step, keep=self.keep)
-        final = _from_rank0(final)
+        final = _run_on_rank0(self._write, f"checkpoint {self.tmp} of step {self.step} could not be completed")
         _barrier()
         return final
+
+    def _write(self) -> Path:
+        """Rank 0's part: the shared files, the marker, the rename and the pruning."""
+        if self.trainer_state is not None:
+            torch.save(self.trainer_state, self.tmp / "trainer.pt")
+        (self.tmp / "config.yaml").write_text(self.config_yaml)
+        meta = {**self.meta, "step": self.step, "format": DCP_FORMAT}
+        (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if self.export_weights:
+            export_consolidated(self.tmp, self.tmp)
+        return complete_checkpoint(self.tmp, self.step, keep=self.keep)
 
 
 @dataclass
@@ -162,7 +184,8 @@ def write_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any
                      async_save: bool = False, export_weights: bool = False) -> Path | PendingCheckpoint:
     """:func:`save_distributed_checkpoint` for a ready DCP state dict (``model``, optionally ``ema``
     and ``optimizer``, each keyed by parameter name; plain tensors or DTensors)."""
-    tmp = _from_rank0(begin_checkpoint(run_dir, step, os.getpid()) if _rank() == 0 else None)
+    tmp = _run_on_rank0(lambda: begin_checkpoint(run_dir, step, os.getpid()),
+                        f"checkpoint {checkpoint_root(run_dir) / step_dir_name(step)} could not be started")
     if data_state is not None and write_data_state:
         (tmp / "data").mkdir(exist_ok=True)
         torch.save(data_state, tmp / "data" / f"dp{dp_rank}-of-{dp_size}.pt")
@@ -233,6 +256,8 @@ def _verify_on_rank0(ckpt: Path) -> None:
             verify_checkpoint(ckpt)
         except CheckpointError as err:
             error = str(err)
+        except OSError as err:          # unreadable files: every rank must hear it, not wait in the broadcast
+            error = f"checkpoint {ckpt} cannot be read: {type(err).__name__}: {err}"
     error = _from_rank0(error)
     if error is not None:
         raise CheckpointError(error)

@@ -66,7 +66,8 @@ def export_safetensors(ckpt: str | os.PathLike, out_dir: str | os.PathLike | Non
 def load_checkpoint(ckpt: str | os.PathLike, *, verify: bool = True) -> dict:
     """The consolidated view of a checkpoint, in memory: full model and EMA weights by name (EMA
     None when absent), assembled from the Distributed Checkpoint shards in this one process, the
-    trainer state, the config text and meta."""
+    trainer state (None when the writer gave none: ``trainer.pt`` is optional), the config text and
+    meta."""
     ckpt = resolve_checkpoint(ckpt)
     if verify:
         verify_checkpoint(ckpt)
@@ -76,7 +77,8 @@ def load_checkpoint(ckpt: str | os.PathLike, *, verify: bool = True) -> dict:
             "path": ckpt,
             "model": full_tensors(ckpt / STATE_DIR, "model"),
             "ema": full_tensors(ckpt / STATE_DIR, "ema") if "ema" in parts else None,
-            "trainer": torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True),
+            "trainer": (torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+                        if (ckpt / "trainer.pt").is_file() else None),
             "config_yaml": (ckpt / "config.yaml").read_text(),
             "meta": json.loads((ckpt / "meta.json").read_text()),
         }

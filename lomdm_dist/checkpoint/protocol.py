@@ -6,7 +6,8 @@ Write protocol (a crash or SIGKILL at any point leaves every earlier checkpoint 
 2. hash and fsync every file, write the ``COMPLETE`` marker (JSON: step and the sha256 of every
    file) and fsync it;
 3. ``rename`` the directory to its final name (atomic on POSIX) and fsync the parent;
-4. delete the oldest complete checkpoints beyond ``keep`` (steps 2-4: :func:`complete_checkpoint`).
+4. delete the oldest complete checkpoints beyond ``keep``, each renamed to ``.tmp-prune-*`` first
+   (steps 2-4: :func:`complete_checkpoint`).
 
 A directory counts only if it has the marker; loading re-hashes every file, so a checkpoint that was
 damaged after it was written gives a clear error instead of a silently wrong resume. What goes
@@ -32,6 +33,8 @@ DCP_FORMAT = "dcp"
 WEIGHTS_FILE = "model.safetensors"
 EMA_WEIGHTS_FILE = "ema.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_REPLACED_DIR = re.compile(r"^\.tmp-old-(step-\d{8,})-")
+"""A complete checkpoint moved aside while a re-save of its step takes its name."""
 
 
 class CheckpointError(RuntimeError):
@@ -100,6 +103,20 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return latest
 
 
+def _restore_replaced(root: Path) -> None:
+    """Put back a complete checkpoint that a re-save had moved aside (``.tmp-old-step-N-*``) when
+    the save was killed before its replacement took the name ``step-N``: otherwise deleting the
+    stale ``.tmp-*`` directories would lose step N altogether."""
+    restored = False
+    for moved in sorted(root.glob(".tmp-old-step-*")):
+        match = _REPLACED_DIR.match(moved.name)
+        if match and (moved / MARKER).is_file() and not (root / match.group(1)).exists():
+            os.rename(moved, root / match.group(1))
+            restored = True
+    if restored:
+        _fsync_dir(root)
+
+
 def begin_checkpoint(run_dir: str | os.PathLike, step: int, token: str | int) -> Path:
     """Make the empty temporary directory of a checkpoint (one process: the caller shares the path).
 
@@ -108,6 +125,7 @@ def begin_checkpoint(run_dir: str | os.PathLike, step: int, token: str | int) ->
     """
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    _restore_replaced(root)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{step_dir_name(step)}-{token}"
@@ -134,9 +152,24 @@ def complete_checkpoint(tmp: Path, step: int, *, keep: int) -> Path:
     else:
         os.rename(tmp, final)
     _fsync_dir(root)
-    for _, old in complete_checkpoints(root.parent)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(root, keep)
     return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Delete the oldest complete checkpoints beyond ``keep``. Each is first renamed out of the
+    ``step-*`` names (atomic once the parent is fsynced), so a crash mid-delete leaves a stale
+    ``.tmp-prune-*`` directory for the next save to clean up, never a ``step-*`` directory that
+    has its marker but lacks files."""
+    doomed = []
+    for _, old in complete_checkpoints(root.parent)[:-keep] if keep > 0 else []:
+        trash = root / f".tmp-prune-{old.name}-{os.getpid()}"
+        os.rename(old, trash)
+        doomed.append(trash)
+    if doomed:
+        _fsync_dir(root)
+    for trash in doomed:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def verify_checkpoint(ckpt: Path) -> dict:

@@ -180,6 +180,8 @@ class DiffusionConfig:
             raise ConfigError(f"diffusion.window_eps must be in (0, 1), got {self.window_eps}")
         if not 0.0 < self.t_eps < 1.0:
             raise ConfigError(f"diffusion.t_eps must be in (0, 1), got {self.t_eps}")
+        if not self.is_power >= 0:    # a negative power is no density; 0 alone means "choose for me"
+            raise ConfigError(f"diffusion.is_power must be >= 0 (0: half the smallest exponent), got {self.is_power}")
         from ..diffusion.time_sampling import check_time_sampling   # the rule lives beside the sampler
         problem = check_time_sampling(self)
         if problem:

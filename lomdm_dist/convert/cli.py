@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the source's; 0 for an MDLM import)")
     mdlm = parser.add_argument_group("MDLM import (--from mdlm)")
     mdlm.add_argument("--scheduler", choices=("lomdm", "mdlm", "poly", "arm", "block"), default="lomdm",
-                      help="lomdm: phi/psi heads initialised fresh; mdlm (or another fixed one): no heads")
+                      help="lomdm (default): phi/psi heads initialised fresh, so every exponent is k = c1 "
+                           "and an evaluation straight after the import is the NELBO of the schedule t^c1, not "
+                           "MDLM's (fine-tune first, or use --scheduler mdlm to reproduce MDLM's numbers); "
+                           "mdlm (or another fixed one): no heads")
     mdlm.add_argument("--n-heads", type=int, default=None,
                       help="attention heads (read from rotary_emb.inv_freq or the .ckpt's config when present)")
     mdlm.add_argument("--rope-base", type=float, default=None, help="rotary base (default: model.rope_base, 10000)")

@@ -97,13 +97,18 @@ class StepSpec:
     distributed step passes the global count, so summed gradients equal the one-process ones."""
     time_stream: int = randomness.STREAM_TIME
     mask_stream: int = randomness.STREAM_MASK
+    stratum_shift: int = 0
+    """Global row i draws its time in stratum (i + stratum_shift) mod ``global_batch``; only the
+    time draw uses it (masks stay keyed by the global row). Training uses 0."""
 
     @classmethod
     def evaluation(cls, *, seed: int, sample: int, rows: Tensor, global_batch: int) -> StepSpec:
         """The validation draw number ``sample``: one mask per row from the evaluation streams, not
-        normalised (``row_nelbo`` and the sums are in nats)."""
+        normalised (``row_nelbo`` and the sums are in nats), and the strata shifted by
+        :func:`~lomdm_dist.diffusion.randomness.stratum_shift` so a row's time is uniform over draws."""
         return cls(seed=seed, step=sample, rows=rows, global_batch=global_batch, num_masks=1, normalizer=1.0,
-                   time_stream=randomness.STREAM_EVAL_TIME, mask_stream=randomness.STREAM_EVAL_MASK)
+                   time_stream=randomness.STREAM_EVAL_TIME, mask_stream=randomness.STREAM_EVAL_MASK,
+                   stratum_shift=randomness.stratum_shift(seed, sample, global_batch))
 
 
 class TokenLoss(Protocol):
@@ -127,7 +132,7 @@ def step_randomness(spec: StepSpec, cfg: DiffusionConfig, *, seq_len: int, num_m
     """(times (B,) with their weights, uniforms (K, B, L) float64) for the global rows of ``spec``."""
     rows = spec.rows.to(device)
     u = randomness.stratified_uniforms(spec.seed, spec.step, rows, spec.global_batch, antithetic=cfg.antithetic,
-                                       stream=spec.time_stream)
+                                       stream=spec.time_stream, shift=spec.stratum_shift)
     times = build_time_sampler(cfg).draw(u)
     uniforms = torch.stack([randomness.uniform(spec.seed, spec.step, spec.mask_stream + r, rows, seq_len)
                             for r in range(num_masks)])

@@ -22,6 +22,7 @@ _GOLDEN = 0x9E3779B9
 STREAM_TIME = 1
 STREAM_MASK = 16  # mask r uses STREAM_MASK + r
 STREAM_EVAL_TIME = 101
+STREAM_EVAL_SHIFT = 102  # the common stratum shift of an evaluation time draw
 STREAM_EVAL_MASK = 116
 
 
@@ -73,17 +74,35 @@ def uniform(seed: int, step: int, stream: int, rows: torch.Tensor, num_positions
 
 
 def stratified_uniforms(seed: int, step: int, rows: torch.Tensor, global_batch: int, *, antithetic: bool = True,
-                        stream: int = STREAM_TIME) -> torch.Tensor:
+                        stream: int = STREAM_TIME, shift: int = 0) -> torch.Tensor:
     """One uniform in [0, 1) per row, float64, shape (len(rows),).
 
-    Antithetic (stratified) sampling as MDLM: global row i draws u_i in [i/n, (i+1)/n) with
-    n = ``global_batch``, so the global batch covers [0, 1) evenly whatever the split. The time
-    sampler (``lomdm_dist.diffusion.time_sampling``) maps these to times.
+    Antithetic (stratified) sampling as MDLM: global row i draws u_i in [s/n, (s+1)/n) with
+    n = ``global_batch`` and stratum s = (i + ``shift``) mod n, so the global batch covers [0, 1)
+    evenly whatever the split. ``shift`` moves every row to another stratum at once (see
+    :func:`stratum_shift`); the training step uses 0. The time sampler
+    (``lomdm_dist.diffusion.time_sampling``) maps these to times.
     """
     u = uniform(seed, step, stream, rows, 1)[:, 0]
     if antithetic:
-        u = torch.remainder(u / global_batch + rows.to(torch.float64) / global_batch, 1.0)
+        u = torch.remainder(u / global_batch + (rows + shift).to(torch.float64) / global_batch, 1.0)
     return u
+
+
+def stratum_shift(seed: int, draw: int, global_batch: int, *, stream: int = STREAM_EVAL_SHIFT) -> int:
+    """The common cyclic stratum shift of evaluation draw ``draw``: floor(n U) with U uniform, hashed
+    from (seed, draw); 0 for draw 0.
+
+    Why: with a fixed stratum per row, the K time draws of one row all fall in the same slice
+    [i/n, (i+1)/n), so averaging them never makes the row's own estimate unbiased. Shifting every
+    row by the same uniformly drawn amount keeps each draw stratified over the batch and makes the
+    stratum of a given row uniform over draws k >= 1. Draw 0 keeps shift 0, so a one-draw
+    evaluation (the numbers the trainer logs) is unchanged.
+    """
+    if draw == 0:
+        return 0
+    u = uniform(seed, draw, stream, torch.zeros(1, dtype=torch.int64), 1).item()
+    return min(int(u * global_batch), global_batch - 1)
 
 
 def diffusion_times(seed: int, step: int, rows: torch.Tensor, global_batch: int, *, t_eps: float,

@@ -10,14 +10,21 @@ theirs:
 
 * the sample's *text* is retokenised with the judge's own tokenizer (its default special tokens,
   none for GPT-2), because the sampler's vocabulary need not be the judge's;
-* the token sequence is cut into consecutive, non-overlapping windows of the judge's context
-  (1,024 tokens for GPT-2), each fed on its own starting at position 0; in each window every token
-  after the first is scored given the tokens before it in that window;
-* scoring ends with the first end-of-text token of the sample (inclusive): what follows a
-  document's end is another document, which the judge cannot be asked to predict from the first.
+* the sample is kept up to and including its first end-of-text token at index >= 1: what follows
+  a document's end is another document, which the judge cannot be asked to predict from the first.
   An end-of-text token at index 0 is context only (a sample may open with a document separator).
   (MDLM's code masks with ``first_eos | not_eos``, which in fact also scores the non-EOS tokens
-  after the first EOS; here scoring stops there, as the protocol is described.)
+  after the first EOS; here they are dropped, as the protocol is described.)
+* the kept tokens are cut into consecutive, non-overlapping windows of the judge's context (1,024
+  tokens for GPT-2), each fed on its own starting at position 0; in each window every token after
+  the first is scored given the tokens before it in that window. A token that starts a window is
+  therefore never scored: it is context only, having no earlier token in its window. That includes
+  the first EOS when it falls at index k * context (it starts a one-token window, which scores
+  nothing). Per sample, ``context_tokens`` counts these window starts, so ``tokens_scored =
+  kept_tokens - context_tokens``; ``samples_eos_unscored`` counts the samples whose first EOS is one.
+* MDLM retokenises with ``truncation=True, max_length=model.length`` (1,024 for OWT), so it scores
+  at most that many judge tokens of a sample; here the whole kept text is scored, in as many windows
+  as it takes (a sample whose retokenisation is longer than the model's length differs).
 * the headline number is token-weighted: ``exp(sum of NLLs / number of scored tokens)`` over all
   samples (MDLM's ``gen_ppl`` metric); the mean of per-sample perplexities is reported beside it.
 
@@ -201,7 +208,13 @@ class SampleScore:
     tokens_scored: int
     judge_tokens: int
     """Judge tokens of the text before truncation at the first EOS."""
+    kept_tokens: int
+    """Judge tokens up to and including the first EOS (all of them when there is none)."""
+    context_tokens: int
+    """Kept tokens that start a window and so are context only: ``kept_tokens - tokens_scored``."""
     eos_truncated: bool
+    eos_scored: bool
+    """Whether the first EOS was scored (False without one, or when it starts a window)."""
     entropy: float
     entropy_of: str
     """``sample`` (the sampler's token ids) or ``judge`` (the retokenised ids, for lines without tokens)."""
@@ -223,6 +236,8 @@ class GenerativeReport:
     """Mean of the per-sample perplexities over samples with at least one scored token."""
     mean_entropy: float
     samples_truncated_at_eos: int
+    samples_eos_unscored: int
+    """Samples cut at a first EOS that starts a window, so that EOS is context only, not scored."""
     unscored_samples: int
     samples: list[SampleScore] = field(default_factory=list)
 
@@ -261,10 +276,13 @@ def generative_perplexity(judge: Judge, samples: Sequence[SampleLine], *, batch_
     for index, (sample, ids) in enumerate(zip(samples, encoded)):
         kept, truncated = truncate_at_eos(ids, judge.eos_id)
         entropy_ids, entropy_of = (sample.tokens, "sample") if sample.tokens is not None else (list(ids), "judge")
+        sample_windows = split_windows(kept, judge.context)
         scores.append(SampleScore(line=sample.line, nll_sum=0.0, tokens_scored=0, judge_tokens=len(ids),
-                                  eos_truncated=truncated, entropy=unigram_entropy(entropy_ids),
-                                  entropy_of=entropy_of))
-        for window in split_windows(kept, judge.context):
+                                  kept_tokens=len(kept), context_tokens=len(sample_windows),
+                                  eos_truncated=truncated,
+                                  eos_scored=truncated and (len(kept) - 1) % judge.context != 0,
+                                  entropy=unigram_entropy(entropy_ids), entropy_of=entropy_of))
+        for window in sample_windows:
             if len(window) >= 2:                 # a one-token window has nothing to score
                 windows.append(window)
                 owner.append(index)
@@ -286,4 +304,5 @@ def generative_perplexity(judge: Judge, samples: Sequence[SampleLine], *, batch_
         mean_sample_gen_ppl=sum(per_sample) / len(per_sample) if per_sample else None,
         mean_entropy=sum(s.entropy for s in scores) / len(scores),
         samples_truncated_at_eos=sum(s.eos_truncated for s in scores),
+        samples_eos_unscored=sum(s.eos_truncated and not s.eos_scored for s in scores),
         unscored_samples=len(scores) - len(per_sample), samples=scores)

@@ -1,7 +1,8 @@
 """Validation NELBO and perplexity, MDLM's ``ppl_eval`` protocol, for one process or any layout.
 
 One pass over the split; for each row ``t_samples`` diffusion times (antithetic across the batch,
-drawn by the configured time sampling: the whole interval for lomdm) and one mask each; L_main and L_velocity both counted (the bound needs both); sums in float64;
+the strata shifted from draw to draw, drawn by the configured time sampling: the whole interval for
+lomdm) and one mask each; L_main and L_velocity both counted (the bound needs both); sums in float64;
 perplexity = exp(NELBO per token). The draws come from the eval streams of the counter-based RNG,
 keyed by each row's index in the split, so every evaluation of a run sees the same t and masks,
 its numbers are comparable over time, and they do not depend on how the rows are spread over
@@ -59,7 +60,11 @@ def nelbo_draw(loss_fn: Callable, model, scheduler: Scheduler, x: torch.Tensor, 
 
     ``StepSpec.evaluation``: one mask per time (no RLOO baseline is needed without gradients), sums
     per row (no normalisation), the eval streams of the counter-based RNG, and the sample index as
-    the step, so the K samples of a row are independent and each is stratified over the batch.
+    the step. Every draw is stratified over the batch (one time per stratum); from draw 1 on, the
+    strata are cyclically shifted by a common uniformly drawn amount, so a given row's time is
+    uniform over the whole interval across draws (draw 0 keeps its fixed stratum, so one-draw
+    numbers match the trainer's; the batch total is unbiased for every draw). The masks stay keyed
+    by the global row.
     """
     spec = StepSpec.evaluation(seed=seed, sample=sample_index, rows=rows, global_batch=global_batch)
     return loss_fn(model, scheduler, x, spec, cfg=cfg, valid=valid)

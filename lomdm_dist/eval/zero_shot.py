@@ -3,12 +3,18 @@
 Each corpus is read through Hugging Face ``datasets`` (the hub name below, or a local copy),
 detokenised (``detokenizers``), tokenised with the checkpoint's tokenizer (GPT-2 for the papers'
 OpenWebText models) and laid out as MDLM does with ``wrap`` (its OWT setting, used for every
-corpus of the table): each document (dataset row) is followed by EOS, all are concatenated, the
-stream is cut into chunks of ``seq_len - 2`` tokens and each row is ``[BOS] chunk [EOS]``; the last
-partial chunk is dropped. Rows are dataset rows as they come: WikiText's rows are lines, so its
-empty lines become lone EOS tokens, as in MDLM. ``doc_eos=False`` leaves the EOS after each
-document out (BD3LM's ``data.insert_valid_eos=False``). ``layout="pad"`` puts one document per
-row instead (``[BOS] doc [EOS]`` then padding; needs a tokenizer with a pad token).
+corpus of the table): each document (dataset row) is followed by EOS, and each group of
+:data:`MDLM_GROUP_DOCUMENTS` consecutive documents is concatenated, cut into chunks of
+``seq_len - 2`` tokens and laid out as rows ``[BOS] chunk [EOS]``, the group's last partial chunk
+dropped. That is MDLM's ``_group_texts`` run by ``datasets.map(batched=True)`` with its default
+1,000 rows per batch, so a partial chunk is lost per 1,000 documents, not once per corpus. MDLM
+also passes ``num_proc`` (one per CPU) to that map, which cuts the dataset into contiguous shards
+first and restarts the 1,000-document groups in each, so its row count can still differ by a few
+rows with the machine it ran on; this follows one process. Rows are dataset rows as they come:
+WikiText's rows are lines, so its empty lines become lone EOS tokens, as in MDLM.
+``doc_eos=False`` leaves the EOS after each document out (BD3LM's ``data.insert_valid_eos=False``).
+``layout="pad"`` puts one document per row instead (``[BOS] doc [EOS]`` then padding; needs a
+tokenizer with a pad token).
 
 Where the data comes from: ``data_dir`` (``--data-dir`` or ``$LOMDM_ZERO_SHOT_DIR``) holding
 ``<name>/`` per corpus, either a ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` folder or
@@ -34,6 +40,10 @@ from data_pipeline.packing import join_with_eos, pad_rows, wrap_rows
 from .detokenizers import DETOKENIZERS
 
 DATA_DIR_VARIABLE = "LOMDM_ZERO_SHOT_DIR"
+MDLM_GROUP_DOCUMENTS = 1000
+"""Documents per ``_group_texts`` call in MDLM's ``get_dataset`` (kuleshov-group/mdlm
+``dataloader.py``): its ``map(group_texts, batched=True)`` keeps ``datasets``' default
+``batch_size=1000``, and each call drops its own remainder."""
 SUITE = "zero-shot"
 LAYOUTS = ("wrap", "pad")
 
@@ -173,17 +183,25 @@ def load_texts(corpus: ZeroShotCorpus, *, data_dir: str | os.PathLike | None = N
 
 
 def layout_rows(docs: list[list[int]], *, seq_len: int, bos: int, eos: int, pad: int | None,
-                layout: str = "wrap", doc_eos: bool = True) -> np.ndarray:
-    """int64 rows (N, seq_len) of tokenised documents in MDLM's ``wrap`` or ``pad`` layout."""
+                layout: str = "wrap", doc_eos: bool = True,
+                group_documents: int = MDLM_GROUP_DOCUMENTS) -> np.ndarray:
+    """int64 rows (N, seq_len) of tokenised documents in MDLM's ``wrap`` or ``pad`` layout; ``wrap``
+    packs each group of ``group_documents`` documents on its own and drops the group's tail."""
     dtype = np.dtype(np.int64)
     arrays = [np.asarray(d, dtype=dtype) for d in docs]
     if layout == "pad":
         return pad_rows(arrays, seq_len, bos, eos, pad, dtype)
     if layout != "wrap":
         raise ZeroShotError(f"zero-shot layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
-    stream = join_with_eos(arrays, eos, dtype) if doc_eos else np.concatenate(arrays or [np.zeros(0, dtype)])
+    if group_documents <= 0:
+        raise ZeroShotError(f"zero-shot wrap: group_documents must be positive, got {group_documents}")
     body = seq_len - 2
-    return wrap_rows(stream[: len(stream) // body * body], seq_len, bos, eos)
+    groups = [np.zeros((0, seq_len), dtype)]
+    for start in range(0, len(arrays), group_documents):
+        group = arrays[start:start + group_documents]
+        stream = join_with_eos(group, eos, dtype) if doc_eos else np.concatenate(group)
+        groups.append(wrap_rows(stream[: len(stream) // body * body], seq_len, bos, eos))
+    return np.concatenate(groups)
 
 
 def corpus_rows(corpus: ZeroShotCorpus, tokenizer, *, seq_len: int, data_dir: str | os.PathLike | None = None,
