@@ -46,5 +46,5 @@ def test_bench_kernels_runs_the_references():
 
 def test_bench_data_measures_builder_and_reader(tmp_path):
     out = run_tool("tools/bench_data.py", "--text-mb", "0.2", "--seq-len", "64", "--workers", "1",
-                   "--dir", str(tmp_path))
+                   "--reader-seconds", "0.5", "--dir", str(tmp_path))
     assert "builder, jsonl" in out and "reader ShardStream" in out

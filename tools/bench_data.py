@@ -95,7 +95,11 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--dir", default="", help="scratch directory (default: a temporary one)")
+    p.add_argument("--reader-seconds", type=float, default=4.0,
+                   help="how long each reader measurement runs (default 4)")
     args = p.parse_args()
+    if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir or None) as scratch:
         root = Path(scratch)
         corpus = root / "corpus.jsonl"
@@ -105,9 +109,9 @@ def main() -> int:
             results.append(bench_build(corpus, text_bytes, root / f"w{args.workers}", args.seq_len, args.workers))
         results.append(bench_wikipedia_build(root / "wiki"))
         manifest = results[0]["manifest"]
-        results.append(bench_reader(manifest, args.batch_size, 0))
+        results.append(bench_reader(manifest, args.batch_size, 0, seconds=args.reader_seconds))
         if args.workers > 0:
-            results.append(bench_reader(manifest, args.batch_size, args.workers))
+            results.append(bench_reader(manifest, args.batch_size, args.workers, seconds=args.reader_seconds))
         results.append(bench_eval(manifest, args.batch_size))
     print(f"Data pipeline, {date.today()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, Python {platform.python_version()}; "
