@@ -110,6 +110,31 @@ def test_resume_gives_identical_losses(tmp_path, corpus_cache):
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
+def test_weights_only_resume_warms_the_learning_rate_up_again(tmp_path, corpus_cache):
+    """A converted checkpoint (weights, no optimizer state) resumes with fresh AdamW moments, whose
+    first updates are about lr in size for every weight, so the warm-up restarts at its step; a
+    normal resume continues the schedule where it was."""
+    from lomdm_dist.convert import read_sharded, write_sharded
+
+    warmup, lr = 4, 1e-3
+    base = {"optim.warmup_steps": warmup, "train.ckpt_every": 3, "train.max_steps": 3}
+    trained = tmp_path / "trained"
+    Trainer(load_config(None, tiny_overrides(trained, corpus_cache, **base))).run()
+    converted = tmp_path / "converted"
+    write_sharded(read_sharded(trained, weights="raw"), converted)
+    for run_dir in (trained, converted):
+        Trainer(load_config(None, tiny_overrides(run_dir, corpus_cache, **{**base, "train.max_steps": 6}))).run()
+    def lrs(run_dir):
+        return {m["step"]: m["lr"] for m in read_metrics(run_dir) if "lr" in m}
+    # metrics' step s is the update made at trainer step s - 1: factor min(1, (k + 1) / warmup), k
+    # counted from the warm-up's start (0 for the normal run, 3 for the converted one)
+    assert [lrs(trained)[s] for s in (4, 5, 6)] == pytest.approx([lr, lr, lr], rel=1e-12)
+    assert [lrs(converted)[s] for s in (4, 5, 6)] == pytest.approx([lr / 4, 2 * lr / 4, 3 * lr / 4], rel=1e-12)
+    # and the restarted schedule is itself saved: a second resume keeps counting from step 3
+    Trainer(load_config(None, tiny_overrides(converted, corpus_cache, **{**base, "train.max_steps": 8}))).run()
+    assert [lrs(converted)[s] for s in (7, 8)] == pytest.approx([lr, lr], rel=1e-12)
+
+
 def test_nonfinite_losses_are_skipped_and_counted(tmp_path, corpus_cache, monkeypatch):
     original = Trainer.compute_loss
     poisoned_steps = {2, 4}

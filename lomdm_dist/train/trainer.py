@@ -161,6 +161,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.train.ema_decay)
         self.rows = local_rows(self.mesh, cfg.data.batch_size, device=self.device)
         self.step = 0
+        self.warmup_from = 0           # the step the learning-rate warm-up starts from
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
         self._stop_signal: int | None = None
@@ -214,7 +215,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------- state
     def _trainer_state(self) -> dict:
         return {"step": self.step, "ema_num_updates": self.ema.num_updates,
-                "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row}
+                "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,
+                "warmup_from": self.warmup_from}
 
     def _rank_state(self) -> dict:
         """What only this rank knows: its dropout generator state."""
@@ -294,7 +296,7 @@ class Trainer:
         weights_only = "optimizer" not in ckpt_lib.saved_parts(latest / ckpt_lib.STATE_DIR)
         if weights_only:
             print0(f"checkpoint {latest} holds weights only (no optimizer state): AdamW starts with fresh "
-                   f"moments", rank=self.rank)
+                   f"moments and the learning rate warms up again over optim.warmup_steps", rank=self.rank)
         loaded = load_distributed_checkpoint(latest, model=self.model,
                                              optimizer=None if weights_only else self.optimizer,
                                              ema_shadow=self.ema.shadow, dp_rank=dp_rank(self.mesh),
@@ -305,6 +307,9 @@ class Trainer:
             self.ema.num_updates = int(state["ema_num_updates"])
             self.nonfinite_total = int(state["nonfinite_total"])
             self.nonfinite_in_row = int(state["nonfinite_in_row"])
+            # Fresh AdamW moments make the first updates about lr in size for every weight: at the
+            # full rate that undoes much of the loaded model, so a weights-only start warms up again.
+            self.warmup_from = self.step if weights_only else int(state.get("warmup_from", 0))
         except (KeyError, TypeError, ValueError) as err:
             raise ckpt_lib.CheckpointError(f"checkpoint {latest}: trainer.pt lacks {err}") from None
         if loaded.rank_state is not None:      # same layout: continue this rank's dropout stream
@@ -333,7 +338,7 @@ class Trainer:
     def train_step(self, x: torch.Tensor) -> dict | None:
         """One update; returns metrics, or None when the loss was non-finite and the update skipped."""
         cfg = self.cfg
-        lr = set_learning_rate(self.optimizer, self.step, cfg.optim.warmup_steps)
+        lr = set_learning_rate(self.optimizer, self.step - self.warmup_from, cfg.optim.warmup_steps)
         self.optimizer.zero_grad(set_to_none=True)
         out = self.compute_loss(x)
         if any_rank(not torch.isfinite(out.loss).item(), self.device):
