@@ -6,7 +6,6 @@ wrote, never taken from compare.py's own helpers."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -15,20 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers_tools import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs/smoke.yaml")
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("compare_tool", ROOT / "tools/compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = load_tool()
+compare = load_tool("compare")
 
 
 def run_compare(*args, timeout=300) -> subprocess.CompletedProcess:

@@ -14,7 +14,6 @@ samples with that expectation within 5 of its standard errors.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -34,18 +33,15 @@ from lomdm_dist.diffusion.objective import step_randomness
 from lomdm_dist.diffusion.schedulers import build_scheduler
 from lomdm_dist.eval.perplexity import validation_nelbo
 from lomdm_dist.model import build_model
+from helpers_tools import load_tool
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "evaluate.py"
 V = 61                     # token ids; the model adds the mask token
 SEQ_LEN = 16
 BATCH = 32
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("evaluate_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("evaluate")
 
 
 def _config(scheduler: str) -> Config:

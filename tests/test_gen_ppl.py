@@ -6,15 +6,14 @@ windows, with hand-written EOS truncation and hand-enumerated entropies.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from helpers_tools import load_tool
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "gen_ppl.py"
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "b", "c", "d", "e"]
 CONTEXT = 16                       # the judge's n_positions: samples longer than this span windows
 N_EMBD, N_LAYER = 32, 2
@@ -22,10 +21,7 @@ EPS32 = 2.0 ** -24
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("gen_ppl_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("gen_ppl")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ planned for the cluster it is meant for."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from lomdm_dist.model import build_model
 from lomdm_dist.plan import count_parameters, expected_masked_fraction, make_plan, resolve_vocab_size
 from lomdm_dist.plan import activations as act
 from lomdm_dist.plan.measure import measure_saved
+from helpers_tools import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -95,10 +95,7 @@ def test_every_config_plans_and_fits_its_cluster(path):
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("plan_cli", ROOT / "tools" / "plan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_tool("plan").main
 
 
 def test_cli_errors_name_the_key_and_say_how_much(capsys, tmp_path):

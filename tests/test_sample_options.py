@@ -9,7 +9,6 @@ helpers.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
@@ -23,8 +22,8 @@ from helpers_checkpoint import write_tiny_checkpoint
 from lomdm_dist.diffusion.sampler import nucleus, sample
 from lomdm_dist.diffusion.schedulers import build_scheduler
 from test_sampler import FakeModel, uniform_table
+from helpers_tools import load_tool
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "sample.py"
 
 
 def _chi2_p_value(counts: torch.Tensor, expected: torch.Tensor) -> float:
@@ -166,10 +165,7 @@ def test_top_p_one_is_plain_sampling_draw_for_draw():
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("sample_tool_options", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("sample")
 
 
 def test_template_parsing():

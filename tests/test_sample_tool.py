@@ -3,9 +3,7 @@ each sample was made, on every line, and that record is enough to draw the same 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,17 +16,13 @@ from lomdm_dist.diffusion.schedulers import build_scheduler
 from lomdm_dist.model import build_model
 from lomdm_dist.checkpoint.distributed import save_checkpoint
 from lomdm_dist.train.samples import write_samples
+from helpers_tools import load_tool
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "sample.py"
 STEP = 7
 
 
 def _load_tool():
-    """tools/ is a folder of scripts, not a package: load the file as a module."""
-    spec = importlib.util.spec_from_file_location("sample_tool_provenance", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("sample")
 
 
 def _config() -> Config:

@@ -9,7 +9,6 @@ sampler's own helpers.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from helpers_checkpoint import write_tiny_checkpoint
 from lomdm_dist.diffusion import sampler as sampler_mod
 from lomdm_dist.diffusion.sampler import sample
 from lomdm_dist.diffusion.schedulers import build_scheduler
+from helpers_tools import load_tool
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "sample.py"
 
@@ -438,11 +438,7 @@ def test_bad_arguments_name_the_problem():
 # tools/sample.py
 
 def _load_tool():
-    """tools/ is a folder of scripts, not a package: load the file as a module."""
-    spec = importlib.util.spec_from_file_location("sample_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("sample")
 
 
 def _run_tool(argv):

@@ -56,10 +56,10 @@ from lomdm_dist.parallel import (ProcessEnv, build_mesh, clip_grad_norm_, forwar
                                  init_process_group, local_rows, parallelize_model, process_device,
                                  shutdown_process_group)
 from lomdm_dist.parallel.flops import config_step_flops, device_peak_flops, mfu
+from lomdm_dist.parallel.runtime import resolve_autocast
 from lomdm_dist.train.__main__ import load_run_config
 from lomdm_dist.train.ema import EMA
 from lomdm_dist.train.optimizer import build_optimizer
-from lomdm_dist.train.trainer import resolve_autocast
 
 SPLIT_PARTS = ("randomness + masks", "clean pass (no grad)", "phi head", "masked passes (backbone)",
                "output layer (masked)", "psi head", "token loss", "optimizer (clip, AdamW, EMA)")

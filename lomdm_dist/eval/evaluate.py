@@ -31,6 +31,7 @@ from data_pipeline.errors import DataError
 
 from ..config import ConfigError, load_config
 from ..checkpoint import MARKER, CheckpointError, read_meta, resolve_checkpoint
+from ..parallel.runtime import resolve_autocast
 from . import zero_shot
 
 SPLIT_DIRS = {"validation": "val", "train": "train", "test": "test"}
@@ -223,15 +224,6 @@ def checkpoint_step(ckpt: Path) -> int:
         raise CheckpointError(f"checkpoint {ckpt}: unreadable {MARKER} marker ({err})") from None
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """``train.precision`` as the trainer applies it (bf16 autocast on GPU under ``auto``), so an
-    evaluation repeats the numbers the run logged. Not imported from the trainer module, which
-    brings the whole training loop and TensorBoard with it."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
 def run_evaluation(request: EvalRequest, env=None) -> EvalReport:
     """Evaluate on this process's part of the layout; every rank returns the same report.
 
@@ -294,7 +286,7 @@ def run_evaluation(request: EvalRequest, env=None) -> EvalReport:
                 out = distributed_validation_nelbo(
                     pm, scheduler, data.batches, cfg=cfg.diffusion, seed=request.seed, device=device,
                     pad_id=data.pad_id, t_samples=request.t_samples,
-                    autocast_dtype=autocast_dtype(cfg.train.precision, device),
+                    autocast_dtype=resolve_autocast(cfg.train.precision, device),
                     progress=request.progress and env.rank == 0)
                 report.results.append(DatasetResult(
                     dataset=data.name, split=data.split, rows=data.batches.count, tokens=int(out["val_tokens"]),

@@ -68,6 +68,17 @@ class ProcessEnv:
         return self.world_size > 1
 
 
+def resolve_autocast(precision: str, device: "torch.device") -> "torch.dtype | None":
+    """The autocast dtype of ``train.precision`` on ``device``: bf16 for ``bf16``, and for ``auto`` on
+    GPU; None (fp32) otherwise. One rule for training, evaluation and the benchmarks, so a tool
+    repeats the numbers a run logged."""
+    import torch
+
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def process_device(env: ProcessEnv, requested: str) -> "torch.device":
     """The device of this process for ``train.device`` (auto, cpu, cuda): ``cuda:LOCAL_RANK`` on GPU."""
     import torch

@@ -58,7 +58,7 @@ from ..parallel import (ProcessEnv, any_rank, clip_grad_norm_, distributed_valid
                         mesh_from_layout, parallelize_model, process_device, seed_dropout, shutdown_process_group,
                         validate_layout, writes_dp_slice_state)
 from ..parallel.flops import config_step_flops, device_peak_flops
-from ..parallel.runtime import peak_host_memory_bytes
+from ..parallel.runtime import peak_host_memory_bytes, resolve_autocast
 from . import config_history
 from .data import build_data
 from .ema import EMA
@@ -108,12 +108,6 @@ def _duration(seconds: float) -> str:
     minutes, seconds = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
-
-
-def resolve_autocast(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 class Trainer:
